@@ -1,0 +1,403 @@
+"""GPU benchmark: the pack against diffusers' Würstchen modules on the same card, in one short run.
+
+Public-size networks with random weights (no checkpoint needed), 1024² defaults: Stage C 29-step
+preset with CFG 4 (batch 2 per image), Stage B 12 steps without CFG, Stage A decode.
+
+    python bench/gpu_bench.py --out DIR            # on a CUDA machine (< 8 min on an H100/H200)
+    python bench/gpu_bench.py --tiny --out DIR     # the same code paths with tiny models (CPU ok)
+
+Prints a table per section and writes DIR/gpu_bench.json. Sections that would overrun --budget-s
+are skipped and say so. diffusers is needed only for the "diffusers" rows (test-only reference).
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from wuerstchen_core import pipeline as wp  # noqa: E402
+from wuerstchen_core.models import (  # noqa: E402
+    DecoderConfig, PaellaVQGAN, PriorConfig, VQGANConfig, WuerstchenDecoder, WuerstchenPrior)
+from wuerstchen_core.performance import compile_model, on_device, store_linear_weights_in_fp8  # noqa: E402
+from wuerstchen_core.schedule import stage_c_preset  # noqa: E402
+from wuerstchen_core.text import TextEncoder, load_tokenizer  # noqa: E402
+
+GiB = 2**30
+PROMPT = "an astronaut riding a horse on the moon, detailed, 8k"
+
+
+# ------------------------------------------------------------------------------------------------
+# models with random weights, built straight on the device (no throw-away init on the CPU)
+
+def configs(tiny: bool):
+    if tiny:
+        return (PriorConfig(c_in=16, c=128, c_cond=64, c_r=64, depth=2, nhead=2),
+                DecoderConfig(c_cond=64, c_hidden=(32, 64, 128, 128), nhead=(-1, 1, 2, 2), blocks=(1, 1, 2, 1),
+                              clip_embd=64),
+                VQGANConfig(bottleneck_blocks=2, embed_dim=32),
+                dict(bigG=(64, 2), H=(64, 2)))
+    return PriorConfig(), DecoderConfig(), VQGANConfig(), dict(bigG=(1280, 32), H=(1024, 24))
+
+
+@torch.no_grad()
+def random_init_(module, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for name, t in module.state_dict(keep_vars=True).items():
+        if not t.is_floating_point():
+            t.zero_()
+        elif name.endswith("running_var"):
+            t.fill_(1.0)
+        elif t.dim() >= 2:
+            t.copy_((torch.randn(t.shape, generator=g) * (0.5 / t[0].numel() ** 0.5)).to(t))
+        else:
+            t.copy_((torch.randn(t.shape, generator=g) * 0.02).to(t))
+    return module
+
+
+def build(cls, cfg, device, dtype, seed):
+    with torch.device("meta"):
+        m = cls(cfg)
+    m = m.to_empty(device=device).to(dtype)
+    return random_init_(m, seed).eval().requires_grad_(False)
+
+
+def text_encoder(hidden, layers, device, dtype, seed):
+    import transformers
+    cfg = transformers.CLIPTextConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                                      intermediate_size=hidden * 4, vocab_size=49408, max_position_embeddings=77,
+                                      hidden_act="gelu", pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    with torch.device(device):
+        model = transformers.CLIPTextModel(cfg).to(dtype).eval().requires_grad_(False)
+    return TextEncoder(model, load_tokenizer())
+
+
+# ------------------------------------------------------------------------------------------------
+# timing helpers
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, reps=3, warmup=1):
+    """Median wall time of fn() in seconds, device-synchronised."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def peak_memory(device, box):
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+    yield
+    if device.type == "cuda":
+        sync(device)
+        box["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
+
+
+def flops_of(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------
+# one image through our stages / through diffusers' pipelines
+
+def ours_generate(m, size, batch, seed=0, prior_steps=None, decoder_steps=12, tile=None):
+    return wp.generate(m["prior"], m["decoder"], m["vqgan"], m["text_c"], m["text_b"], PROMPT, "", width=size,
+                       height=size, batch=batch, seed=seed, prior_steps=prior_steps, decoder_steps=decoder_steps,
+                       tile=tile)
+
+
+def diffusers_pipelines(m, cfgs, device, dtype):
+    from diffusers import DDPMWuerstchenScheduler
+    from diffusers.pipelines.deprecated.wuerstchen import (
+        PaellaVQModel, WuerstchenDecoderPipeline, WuerstchenDiffNeXt, WuerstchenPrior as RefPrior,
+        WuerstchenPriorPipeline)
+    pc, dc, vc, _ = cfgs
+    fields = lambda cfg: dataclasses.asdict(cfg)  # noqa: E731
+    with torch.device("meta"):
+        prior = RefPrior(**fields(pc))
+        dd = fields(dc)
+        decoder = WuerstchenDiffNeXt(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in dd.items()})
+        vq = PaellaVQModel(in_channels=vc.in_channels, out_channels=vc.out_channels, levels=vc.levels,
+                           bottleneck_blocks=vc.bottleneck_blocks, embed_dim=vc.embed_dim,
+                           latent_channels=vc.latent_channels, num_vq_embeddings=vc.num_vq_embeddings,
+                           scale_factor=vc.scale_factor)
+    for ref, ours in ((prior, m["prior"]), (decoder, m["decoder"]), (vq, m["vqgan"])):
+        ref.load_state_dict(ours.state_dict(), strict=True, assign=True)
+        ref.eval().requires_grad_(False)
+    pp = WuerstchenPriorPipeline(prior=prior, text_encoder=m["text_c"].model, tokenizer=m["text_c"].tokenizer,
+                                 scheduler=DDPMWuerstchenScheduler())
+    dp = WuerstchenDecoderPipeline(decoder=decoder, text_encoder=m["text_b"].model, tokenizer=m["text_b"].tokenizer,
+                                   vqgan=vq, scheduler=DDPMWuerstchenScheduler(), latent_dim_scale=10.67)
+    pp.set_progress_bar_config(disable=True)
+    dp.set_progress_bar_config(disable=True)
+
+    def run(size, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        emb = pp(PROMPT, height=size, width=size, timesteps=stage_c_preset().tolist(), guidance_scale=4.0,
+                 generator=g, output_type="pt").image_embeddings
+        return dp(emb, PROMPT, num_inference_steps=12, guidance_scale=0.0, generator=torch.Generator().manual_seed(seed),
+                  output_type="pt").images
+
+    return run, prior, decoder
+
+
+# ------------------------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--tiny", action="store_true", help="tiny models (a CPU dry run of every code path)")
+    ap.add_argument("--budget-s", type=float, default=430.0, help="skip sections that would start after this")
+    ap.add_argument("--skip", default="", help="comma-separated section names to skip")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    tiny = args.tiny
+    sizes = [256, 384, 512] if tiny else [1024, 1536, 2048]
+    base = sizes[0]
+    skip = set(filter(None, args.skip.split(",")))
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "dtype": str(dtype), "tiny": tiny, "sections": {}}
+    warnings.simplefilter("always")
+
+    def log(*a):
+        print(f"[{time.perf_counter() - t_start:6.1f}s]", *a, flush=True)
+
+    def save():
+        with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+    def section(name, est_s):
+        if name in skip:
+            log(f"SKIP {name} (--skip)")
+            return False
+        if time.perf_counter() - t_start + est_s > args.budget_s:
+            log(f"SKIP {name}: would overrun the budget")
+            results["sections"][name] = "skipped: budget"
+            return False
+        log(f"== {name}")
+        return True
+
+    cfgs = configs(tiny)
+    pc, dc, vc, towers = cfgs
+    m = dict(prior=build(WuerstchenPrior, pc, device, dtype, 1), decoder=build(WuerstchenDecoder, dc, device, dtype, 2),
+             vqgan=build(PaellaVQGAN, vc, device, dtype, 3),
+             text_c=text_encoder(*towers["bigG"], device, dtype, 4), text_b=text_encoder(*towers["H"], device, dtype, 5))
+    log("models built", {k: round(sum(p.numel() for p in v.parameters()) / 1e6, 1) if hasattr(v, "parameters")
+                         else round(sum(p.numel() for p in v.model.parameters()) / 1e6, 1) for k, v in m.items()})
+
+    # ---- per-step times of the two networks (ours vs diffusers), batch and size sweep
+    ref_run = None
+    try:
+        ref_run, ref_prior, ref_decoder = diffusers_pipelines(m, cfgs, device, dtype)
+    except ImportError as e:
+        log("diffusers unavailable:", e)
+
+    def step_fns(net_c, net_b, size, batch):
+        hc = wp.stage_c_grid(size, size)
+        hb = wp.stage_b_grid(*hc)
+        xc = torch.randn(2 * batch, pc.c_in, *hc, device=device, dtype=dtype)
+        rc = torch.full((2 * batch,), 0.7, device=device, dtype=dtype)
+        cc = torch.randn(2 * batch, 77, pc.c_cond, device=device, dtype=dtype)
+        xb = torch.randn(batch, dc.c_in, *hb, device=device, dtype=dtype)
+        rb = torch.full((batch,), 0.7, device=device, dtype=dtype)
+        eb = torch.randn(batch, dc.effnet_embd, *hc, device=device, dtype=dtype)
+        cb = torch.randn(batch, 77, dc.clip_embd, device=device, dtype=dtype)
+        return (lambda: net_c(xc, rc, cc)), (lambda: net_b(xb, rb, eb, cb))
+
+    if section("step_sweep", 60 if not tiny else 5):
+        rows = []
+        combos = [(base, b) for b in (1, 2, 4, 8)] + [(s, 1) for s in sizes[1:]]
+        with torch.no_grad():
+            for size, batch in combos:
+                fc, fb = step_fns(m["prior"], m["decoder"], size, batch)
+                row = dict(size=size, batch=batch, c_ms=timed(fc, device, 5) * 1e3, b_ms=timed(fb, device, 5) * 1e3,
+                           c_tflop=flops_of(fc) / 1e12, b_tflop=flops_of(fb) / 1e12)
+                if ref_run is not None:
+                    rc_, rb_ = step_fns(lambda x, r, c: ref_prior(x, r, c), lambda x, r, e, c: ref_decoder(x, r, e, c),
+                                        size, batch)
+                    row.update(ref_c_ms=timed(rc_, device, 5) * 1e3, ref_b_ms=timed(rb_, device, 5) * 1e3)
+                row["c_tflops"] = row["c_tflop"] / row["c_ms"] * 1e3
+                row["b_tflops"] = row["b_tflop"] / row["b_ms"] * 1e3
+                rows.append(row)
+                log({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+                free(device)
+        results["sections"]["step_sweep"] = rows
+        save()
+
+    # ---- end to end, eager, all resident: ours vs diffusers alternating
+    if section("e2e_eager", 60 if not tiny else 10):
+        rows = []
+        for size in sizes[:2]:
+            box, ref_box = {}, {}
+            ours_t, ref_t = [], []
+            ours_generate(m, size, 1)  # warm-up
+            if ref_run is not None:
+                ref_run(size)
+            for _ in range(3):
+                with peak_memory(device, box):
+                    ours_t.append(timed(lambda: ours_generate(m, size, 1), device, 1, 0))
+                if ref_run is not None:
+                    with peak_memory(device, ref_box):
+                        ref_t.append(timed(lambda: ref_run(size), device, 1, 0))
+            row = dict(size=size, ours_s=statistics.median(ours_t), ours_peak_gib=box.get("peak_gib"))
+            if ref_t:
+                row.update(diffusers_s=statistics.median(ref_t), diffusers_peak_gib=ref_box.get("peak_gib"),
+                           speedup=statistics.median(ref_t) / statistics.median(ours_t))
+            rows.append(row)
+            log(row)
+        results["sections"]["e2e_eager"] = rows
+        save()
+
+    # ---- batch throughput, eager
+    if section("e2e_batch", 60 if not tiny else 10):
+        rows = []
+        for batch in (2, 4, 8):
+            box = {}
+            ours_generate(m, base, batch)
+            with peak_memory(device, box):
+                t = timed(lambda: ours_generate(m, base, batch), device, 1, 0)
+            rows.append(dict(batch=batch, s_per_image=t / batch, peak_gib=box.get("peak_gib")))
+            log(rows[-1])
+            free(device)
+        results["sections"]["e2e_batch"] = rows
+        save()
+
+    # ---- 2048² with tiled Stage A
+    if section("e2e_2048_tiled", 40 if not tiny else 10):
+        box = {}
+        big = sizes[-1]
+        tile = 128 if not tiny else 32
+        ours_generate(m, big, 1, prior_steps=2, decoder_steps=2, tile=tile)
+        with peak_memory(device, box):
+            t = timed(lambda: ours_generate(m, big, 1, tile=tile), device, 1, 0)
+        results["sections"]["e2e_2048_tiled"] = dict(size=big, s=t, peak_gib=box.get("peak_gib"), tile=tile)
+        log(results["sections"]["e2e_2048_tiled"])
+        save()
+
+    # ---- bf16
+    if section("e2e_bf16", 30 if not tiny else 5) and device.type == "cuda":
+        mb = {k: (v.to(torch.bfloat16) if isinstance(v, torch.nn.Module) else v) for k, v in m.items()}
+        for k in ("text_c", "text_b"):
+            mb[k].model.to(torch.bfloat16)
+        ours_generate(mb, base, 1)
+        t = timed(lambda: ours_generate(mb, base, 1), device, 3, 0)
+        results["sections"]["e2e_bf16"] = dict(size=base, s=t)
+        log(results["sections"]["e2e_bf16"])
+        for k, v in m.items():
+            (v if isinstance(v, torch.nn.Module) else v.model).to(dtype)
+        save()
+
+    # ---- fast mode (compiled, CUDA graphs)
+    if section("fast_mode", 200 if not tiny else 60):
+        t0 = time.perf_counter()
+        fast = dict(m, prior=compile_model(m["prior"], device.type == "cuda"),
+                    decoder=compile_model(m["decoder"], device.type == "cuda"))
+        ours_generate(fast, base, 1)
+        compile_s = time.perf_counter() - t0
+        t = timed(lambda: ours_generate(fast, base, 1), device, 3, 1)
+        fc, fb = step_fns(fast["prior"], fast["decoder"], base, 1)
+        with torch.no_grad():
+            row = dict(size=base, batch=1, s_per_image=t, first_run_compile_s=compile_s,
+                       c_ms=timed(fc, device, 10, 2) * 1e3, b_ms=timed(fb, device, 10, 2) * 1e3)
+        results["sections"]["fast_mode"] = [row]
+        log(row)
+        save()
+        if section("fast_mode_b8", 150 if not tiny else 60):
+            t0 = time.perf_counter()
+            ours_generate(fast, base, 8)
+            compile_s = time.perf_counter() - t0
+            t = timed(lambda: ours_generate(fast, base, 8), device, 2, 0)
+            results["sections"]["fast_mode"].append(dict(size=base, batch=8, s_per_image=t / 8,
+                                                         first_run_compile_s=compile_s))
+            log(results["sections"]["fast_mode"][-1])
+            save()
+    # ---- low-VRAM: everything on the host, one stage on the device at a time
+    def low_vram_generate(models, size, fp8=False):
+        cpu_models = models
+        text_c = cpu_models["text_c"]
+        with on_device(text_c.model, device):
+            cond_c, unc_c = text_c.encode([PROMPT]), text_c.encode([""])
+        with on_device(cpu_models["prior"], device) as prior:
+            c = wp.sample_stage_c(prior, cond_c, unc_c, height=size, width=size, seeds=[0], cfg=4.0, device=device)
+        text_b = cpu_models["text_b"]
+        with on_device(text_b.model, device):
+            cond_b = text_b.encode([PROMPT])
+        with on_device(cpu_models["decoder"], device) as decoder:
+            b = wp.sample_stage_b(decoder, c, cond_b, seeds=[0], device=device)
+        with on_device(cpu_models["vqgan"], device) as vq:
+            return wp.decode_stage_a(vq, b)
+
+    if section("low_vram", 60 if not tiny else 10):
+        for k, v in m.items():
+            mod = v if isinstance(v, torch.nn.Module) else v.model
+            mod.to("cpu")
+            if device.type == "cuda":
+                for p in mod.parameters():
+                    p.data = p.data.pin_memory()
+        free(device)
+        box = {}
+        low_vram_generate(m, base)
+        with peak_memory(device, box):
+            t = timed(lambda: low_vram_generate(m, base), device, 2, 0)
+        results["sections"]["low_vram"] = dict(size=base, s=t, peak_gib=box.get("peak_gib"))
+        log(results["sections"]["low_vram"])
+        save()
+        if section("low_vram_fp8", 60):
+            for k in ("prior", "decoder"):
+                store_linear_weights_in_fp8(m[k])
+                if device.type == "cuda":
+                    for p in m[k].parameters():
+                        p.data = p.data.pin_memory()
+            box = {}
+            low_vram_generate(m, base)
+            with peak_memory(device, box):
+                t = timed(lambda: low_vram_generate(m, base), device, 2, 0)
+            results["sections"]["low_vram_fp8"] = dict(size=base, s=t, peak_gib=box.get("peak_gib"))
+            log(results["sections"]["low_vram_fp8"])
+            save()
+
+    return finish(results, args, log)
+
+
+def finish(results, args, log):
+    with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    log("done; results in", os.path.join(args.out, "gpu_bench.json"))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Loader nodes: one per component, listing `models/wuerstchen` plus the standard ComfyUI folders."""
+
+from wuerstchen_core import loading
+
+from .spec import DECODER, EFFNET, PRIOR, TEXT_ENCODER, VQGAN, Input, NodeSpec, Output
+
+# fp8 storage is not offered: wuerstchen_core builds plain torch layers, which cannot compute from fp8 weights.
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+TOWERS = {"bigG (Stage C)": "bigG", "H (Stage B)": "H"}
+
+_CORE_LOADERS = {"prior": loading.load_prior, "decoder": loading.load_decoder,
+                 "vqgan": loading.load_vqgan, "effnet": loading.load_effnet}
+
+
+def _names(kind):
+    return lambda host: host.list_models(kind)
+
+
+def _dtype_input():
+    return Input("weight_dtype", "COMBO", "Storage dtype of the weights; auto picks what the device supports "
+                 "(fp32 on CPU, bf16 or fp16 on GPUs).", default="auto", options=DTYPES)
+
+
+def _loader(kind, what, out_type, folders):
+    def execute(host, model_name, weight_dtype):
+        path = host.resolve_model(kind, model_name, what)
+        module = _CORE_LOADERS[kind](path, dtype=host.weight_dtype(kind, weight_dtype))
+        return (host.wrap(kind, module, module, model_name),)
+
+    return NodeSpec(
+        f"WuerstchenLoad{ {'vqgan': 'VQGAN', 'effnet': 'EffNet'}.get(kind, kind.capitalize())}",
+        f"Load Würstchen {what}",
+        f"Loads {what} from {folders}: a converted .safetensors file, an original .pt, or a diffusers folder.",
+        (Input("model_name", "COMBO", f"A file or diffusers folder in {folders}.", options=_names(kind)),
+         _dtype_input()),
+        (Output(kind, out_type, what),),
+        execute,
+    )
+
+
+LOAD_PRIOR = _loader("prior", "Stage C prior", PRIOR, "models/wuerstchen or models/diffusion_models")
+LOAD_DECODER = _loader("decoder", "Stage B decoder", DECODER, "models/wuerstchen or models/diffusion_models")
+LOAD_VQGAN = _loader("vqgan", "Stage A VQGAN", VQGAN, "models/wuerstchen or models/vae")
+LOAD_EFFNET = _loader("effnet", "EfficientNet encoder", EFFNET, "models/wuerstchen or models/vae")
+
+
+def _load_text_encoder(host, model_name, tower, weight_dtype):
+    path = host.resolve_model("text_encoder", model_name, "Text encoder")
+    enc = loading.load_text_encoder(path, dtype=host.weight_dtype("text_encoder", weight_dtype), tower=TOWERS[tower])
+    return (host.wrap("text_encoder", enc, enc.model, model_name, tower=TOWERS[tower]),)
+
+
+LOAD_TEXT_ENCODER = NodeSpec(
+    "WuerstchenLoadTextEncoder",
+    "Load Würstchen Text Encoder",
+    "Loads a CLIP text tower: ViT-bigG conditions Stage C (SDXL's clip_g file works), ViT-H conditions Stage B.",
+    (Input("model_name", "COMBO", "A file or diffusers folder in models/wuerstchen or models/text_encoders.",
+           options=_names("text_encoder")),
+     Input("tower", "COMBO", "Which Würstchen stage this encoder conditions: bigG for Stage C, H for Stage B.",
+           default="bigG (Stage C)", options=tuple(TOWERS)),
+     _dtype_input()),
+    (Output("text_encoder", TEXT_ENCODER, "CLIP text encoder"),),
+    _load_text_encoder,
+)
+
+NODES = (LOAD_PRIOR, LOAD_DECODER, LOAD_VQGAN, LOAD_EFFNET, LOAD_TEXT_ENCODER)

@@ -1,0 +1,146 @@
+"""The two sampler nodes: Stage C "prior sampling" and Stage B "decoding"."""
+
+import torch
+
+from wuerstchen_core import pipeline, sizes
+from wuerstchen_core.errors import StageMismatchError
+from wuerstchen_core.sampling import SAMPLERS
+
+from .conditioning import text_embedding
+from .latents import latent_mask, make_latent, seeds_for, stage_samples
+from .previews import stage_b_preview, stage_c_preview
+from .spec import DECODER, PRIOR, VQGAN, Input, NodeSpec, Output, seed_input
+
+
+def _reporter(host, preview):
+    """A pipeline callback that reports progress (an interrupt point) and a preview of the x0 estimate."""
+    state = {}
+
+    def callback(step, total, x, x0):
+        bar = state.setdefault("bar", host.progress(total))
+        bar.update(step + 1, preview(x0) if preview is not None else None)
+
+    return callback
+
+
+def _common_inputs(steps_default, steps_tooltip, cfg_default, cfg_tooltip):
+    return (
+        seed_input(),
+        Input("steps", "INT", steps_tooltip, default=steps_default, min=0 if steps_default == 0 else 1, max=1000),
+        Input("cfg", "FLOAT", cfg_tooltip, default=cfg_default, min=0.0, max=30.0, step=0.1),
+        Input("sampler", "COMBO", "ddpm is Würstchen's own ancestral sampler; ddim and dpmpp_2m are deterministic.",
+              default="ddpm", options=SAMPLERS),
+        Input("denoise", "FLOAT", "1.0 samples from pure noise; below 1 starts from the input latent (img2img).",
+              default=1.0, min=0.0, max=1.0, step=0.01),
+    )
+
+
+def _sample_c(host, prior, positive, negative, latent, seed, steps, cfg, sampler, denoise, mask=None):
+    where = "Würstchen Stage C Sampler"
+    x = stage_samples(latent, "C", f"{where}, input 'latent'")
+    c = prior.model.cfg
+    if x.shape[1] != c.c_in:
+        raise StageMismatchError(f"{where}: latent has {x.shape[1]} channels, expected {c.c_in} for prior {prior.name}.")
+    batch = x.shape[0]
+    cond = text_embedding(positive, "bigG", batch, c.c_cond, f"{where}, input 'positive'")
+    uncond = text_embedding(negative, "bigG", batch, c.c_cond, f"{where}, input 'negative'")
+    m = latent_mask(latent, mask, x.shape, f"{where}, mask")
+    # Text-to-image starts from pure noise like the reference, when the grid is one a snapped size gives;
+    # otherwise (odd grids, masks, denoise < 1) the latent itself is noised.
+    height, width = sizes.image_size_for_stage_c(*x.shape[-2:])
+    from_noise = denoise >= 1.0 and m is None and sizes.stage_c_grid(*sizes.snap_size(width, height)[1::-1]) == tuple(x.shape[-2:])
+    device = host.load(prior)
+    dtype = prior.dtype
+    with torch.inference_mode():
+        out = pipeline.sample_stage_c(
+            prior.model, cond.to(device, dtype), uncond.to(device, dtype) if cfg > 1 else None,
+            latent=None if from_noise else x.to(device, dtype), height=height, width=width,
+            seeds=seeds_for(latent, seed, batch), steps=steps or None, cfg=cfg, sampler=sampler, denoise=denoise,
+            mask=None if m is None else m.to(device, dtype), callback=_reporter(host, stage_c_preview))
+    return (make_latent(out, "C", host, like=latent),)
+
+
+STAGE_C_SAMPLER = NodeSpec(
+    "WuerstchenStageCSampler",
+    "Würstchen Stage C Sampler (prior)",
+    "Prior sampling: denoises the 16-channel Stage C latent from the bigG text conditioning. Feed the result "
+    "to the Stage B sampler's stage_c input.",
+    (Input("prior", PRIOR, "The Stage C prior."),
+     Input("positive", "CONDITIONING", "Prompt encoded with the bigG text encoder."),
+     Input("negative", "CONDITIONING", "Negative prompt encoded with the bigG text encoder (used when cfg > 1)."),
+     Input("latent", "LATENT", "Stage C latent: Würstchen Empty Latent, or EfficientNet Encode for img2img."),
+     *_common_inputs(0, "Model evaluations; 0 uses Würstchen's 29-step Stage C preset, N > 0 a linear schedule.",
+                     4.0, "Classifier-free guidance scale; active above 1."),
+     Input("mask", "MASK", "Inpainting mask (1 = regenerate); overrides the latent's noise_mask.", optional=True)),
+    (Output("stage_c", "LATENT", "Stage C latent (prior space)."),),
+    _sample_c,
+)
+
+
+def _sample_b(host, decoder, positive, negative, stage_c, seed, steps, cfg, sampler, denoise,
+              latent=None, mask=None, vqgan_for_preview=None):
+    where = "Würstchen Stage B Sampler"
+    c = decoder.model.cfg
+    effnet = stage_samples(stage_c, "C", f"{where}, input 'stage_c'")
+    if effnet.shape[1] != c.effnet_embd:
+        raise StageMismatchError(f"{where}: stage_c has {effnet.shape[1]} channels, expected {c.effnet_embd} "
+                                 f"for decoder {decoder.name}.")
+    grid = sizes.stage_b_grid(*effnet.shape[-2:])
+    x0 = None
+    if latent is not None:
+        x0 = stage_samples(latent, "B", f"{where}, input 'latent'")
+        if x0.shape[0] != effnet.shape[0] and effnet.shape[0] == 1:
+            effnet = effnet.expand(x0.shape[0], -1, -1, -1)
+        if x0.shape[0] != effnet.shape[0]:
+            raise StageMismatchError(f"{where}: latent batch is {x0.shape[0]} but stage_c batch is {effnet.shape[0]}, "
+                                     "expected the same size.")
+        if tuple(x0.shape[-2:]) != grid:
+            hb, wb = x0.shape[-2:]
+            raise StageMismatchError(f"{where}: latent is {wb}×{hb} (a {4 * wb}×{4 * hb} px image) but stage_c "
+                                     f"decodes to {4 * grid[1]}×{4 * grid[0]} px, expected matching sizes.")
+    elif denoise < 1.0:
+        raise StageMismatchError(f"{where}: denoise {denoise} needs a Stage B latent at input 'latent' "
+                                 "(from Stage A Encode), expected denoise 1.0 without one.")
+    batch = effnet.shape[0]
+    cond = text_embedding(positive, "H", batch, c.clip_embd, f"{where}, input 'positive'")
+    uncond = text_embedding(negative, "H", batch, c.clip_embd, f"{where}, input 'negative'")
+    m = latent_mask(latent, mask, (batch, 1) + grid, f"{where}, mask") if (latent is not None or mask is not None) else None
+    if m is not None and x0 is None:
+        raise StageMismatchError(f"{where}: a mask needs the image's Stage B latent at input 'latent' "
+                                 "(from Stage A Encode), expected both or neither.")
+    seeds = seeds_for(latent if latent is not None else stage_c, seed, batch)
+    device = host.load(decoder, vqgan_for_preview)
+    dtype = decoder.dtype
+    preview = None
+    if vqgan_for_preview is not None:
+        def preview(x):
+            return stage_b_preview(vqgan_for_preview.model, x)
+    with torch.inference_mode():
+        out = pipeline.sample_stage_b(
+            decoder.model, effnet.to(device, dtype), cond.to(device, dtype), uncond.to(device, dtype) if cfg > 1 else None,
+            seeds=seeds, steps=steps, cfg=cfg, sampler=sampler, denoise=denoise,
+            latent=None if x0 is None else x0.to(device, dtype), mask=None if m is None else m.to(device, dtype),
+            callback=_reporter(host, preview))
+    return (make_latent(out, "B", host, like=latent if latent is not None else stage_c),)
+
+
+STAGE_B_SAMPLER = NodeSpec(
+    "WuerstchenStageBSampler",
+    "Würstchen Stage B Sampler (decoder)",
+    "Decoding: denoises the 4-channel Stage B latent, conditioned on the Stage C latent and the H text "
+    "conditioning. Decode the result with Würstchen Stage A Decode.",
+    (Input("decoder", DECODER, "The Stage B decoder."),
+     Input("positive", "CONDITIONING", "Prompt encoded with the H text encoder."),
+     Input("negative", "CONDITIONING", "Negative prompt encoded with the H text encoder (used when cfg > 1)."),
+     Input("stage_c", "LATENT", "Stage C latent from the Stage C sampler or EfficientNet Encode."),
+     *_common_inputs(12, "Model evaluations on a linear schedule (Würstchen's default is 12).",
+                     0.0, "Classifier-free guidance scale; active above 1 (Würstchen's default 0 = off)."),
+     Input("latent", "LATENT", "Stage B latent from Stage A Encode, for img2img (denoise < 1) or inpainting.",
+           optional=True),
+     Input("mask", "MASK", "Inpainting mask (1 = regenerate); overrides the latent's noise_mask.", optional=True),
+     Input("vqgan_for_preview", VQGAN, "Optional Stage A VQGAN, used only to decode step previews.", optional=True)),
+    (Output("stage_b", "LATENT", "Stage B latent (decoder space)."),),
+    _sample_b,
+)
+
+NODES = (STAGE_C_SAMPLER, STAGE_B_SAMPLER)

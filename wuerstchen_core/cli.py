@@ -1,0 +1,290 @@
+"""Command line: `python -m wuerstchen_core generate | convert | run`.
+
+User errors (WuerstchenError, unreadable paths) print one `error: ...` line and exit 2, without a
+traceback. Progress goes to stderr when it is a terminal; written file names go to stdout.
+"""
+
+import argparse
+import json
+import os
+import secrets
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from .errors import WuerstchenError
+from .sizes import snap_size
+
+NO_WEIGHTS = """error: no weights given; --prior and --decoder are required.
+Download the two diffusers repos from the Hugging Face Hub (about 12 GB; the .bin files duplicate the .safetensors):
+  huggingface-cli download warp-ai/wuerstchen-prior --exclude "*.bin" --local-dir models/wuerstchen-prior
+  huggingface-cli download warp-ai/wuerstchen --exclude "*.bin" --local-dir models/wuerstchen
+warp-ai/wuerstchen-prior holds the Stage C prior (prior/), its CLIP bigG text encoder (text_encoder/) and tokenizer/;
+warp-ai/wuerstchen holds the Stage B decoder (decoder/), the Stage A VQGAN (vqgan/), its CLIP H text encoder and tokenizer/.
+Then run:
+  python -m wuerstchen_core generate --prior models/wuerstchen-prior --decoder models/wuerstchen --prompt "..." --output out.png
+Single component files (e.g. from `python -m wuerstchen_core convert`) also work: pass --vqgan,
+--prior-text-encoder and --decoder-text-encoder for the parts a file does not hold."""
+
+
+class UsageError(WuerstchenError):
+    """A command line that cannot run (missing option, bad value)."""
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m wuerstchen_core", description="Würstchen v2 text-to-image.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text -> PNG through Stage C, Stage B and Stage A")
+    g.add_argument("--prior", help="warp-ai/wuerstchen-prior folder, or a Stage C prior file/folder")
+    g.add_argument("--decoder", help="warp-ai/wuerstchen folder, or a Stage B decoder file/folder")
+    g.add_argument("--vqgan", help="Stage A VQGAN (default: vqgan/ of --decoder)")
+    g.add_argument("--prior-text-encoder", help="CLIP bigG text encoder (default: text_encoder/ of --prior)")
+    g.add_argument("--decoder-text-encoder", help="CLIP H text encoder (default: text_encoder/ of --decoder)")
+    g.add_argument("--effnet", help="EfficientNet encoder, for --image (dome272/wuerstchen model_v2_stage_b.pt)")
+    g.add_argument("--image", help="start Stage C from this image (img2img; needs --effnet)")
+    g.add_argument("--denoise", type=float, default=0.7, help="img2img strength in [0, 1] (default 0.7)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--width", type=int, default=1024, help="multiple of 128 px (default 1024)")
+    g.add_argument("--height", type=int, default=1024, help="multiple of 128 px (default 1024)")
+    g.add_argument("--batch", type=_positive, default=1)
+    g.add_argument("--seed", type=int, help="seed of image 0; image i uses seed + i (default: random)")
+    g.add_argument("--decoder-seed", type=int, help="Stage B seed (default: --seed)")
+    g.add_argument("--prior-steps", type=_positive, help="linear Stage C steps (default: the 29-step Würstchen preset)")
+    g.add_argument("--prior-cfg", type=float, default=4.0)
+    g.add_argument("--decoder-steps", type=_positive, default=12)
+    g.add_argument("--decoder-cfg", type=float, default=0.0)
+    g.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"), default="ddpm")
+    g.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="auto: bf16 (fp16 without bf16 support) on CUDA, fp32 on CPU")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--tile", type=_positive, help="decode Stage A in latent tiles of this size (e.g. 128 above 2048 px)")
+    g.add_argument("--output", default="wuerstchen.png", help="PNG file; batches write FILE_00.png, FILE_01.png, ...")
+
+    c = sub.add_parser("convert", help="any supported checkpoint -> compact .safetensors per component")
+    c.add_argument("input", help="repo folder, component folder, .safetensors or original .pt")
+    c.add_argument("output", help="output folder, or a .safetensors file for a single component")
+    c.add_argument("--kinds", nargs="+", choices=("prior", "decoder", "vqgan", "effnet", "text"))
+    c.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    c.add_argument("--overwrite", action="store_true")
+
+    r = sub.add_parser("run", help="run a ComfyUI workflow JSON (API or UI format) without ComfyUI")
+    r.add_argument("workflow")
+    r.add_argument("--models-dir", default="models", help="ComfyUI-style models folder (default: ./models)")
+    r.add_argument("--output-dir", default="output")
+    r.add_argument("--input-dir", help="images the workflow loads (default: the workflow's folder)")
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+
+
+def _device_and_dtype(args):
+    import torch
+
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was given, but PyTorch sees no CUDA GPU; expected --device cpu or auto.")
+    if args.dtype != "auto":
+        return device, args.dtype
+    if device == "cuda":
+        return device, "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return device, "fp32"
+
+
+def _part(path: str | None, default: str, option: str, what: str) -> str:
+    """A component's path: its own option, else the repo folder it ships in."""
+    if path is not None:
+        return path
+    if not Path(default).is_dir():
+        raise UsageError(f"{Path(default).name} is a single file, so {what} must be given with {option}.")
+    return default
+
+
+class _Progress:
+    """One carriage-return progress line per stage on a terminal; silent otherwise."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.tty = stream, stream.isatty()
+
+    def __call__(self, stage: str, step: int, total: int):
+        if self.tty:
+            self.stream.write(f"\r{stage}: {step}/{total}" + ("\n" if step == total else ""))
+            self.stream.flush()
+
+    def note(self, text: str):
+        if self.tty:
+            print(text, file=self.stream, flush=True)
+
+
+def _output_paths(output: str, batch: int) -> list[Path]:
+    path = Path(output).expanduser()
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"--output {output}: expected a file name ending in .png.")
+    if batch == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{i:02d}{path.suffix}") for i in range(batch)]
+
+
+def _save_png(image, path: Path, settings: dict) -> None:
+    """image [3,H,W] float in 0..1 -> PNG with the settings as text, written atomically (temp + rename)."""
+    import numpy as np
+    from PIL import Image, PngImagePlugin
+
+    pixels = (image.permute(1, 2, 0).float().cpu().numpy() * 255).round().clip(0, 255).astype(np.uint8)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("wuerstchen", json.dumps(settings))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(pixels).save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def generate(args) -> int:
+    if args.prior is None or args.decoder is None:
+        print(NO_WEIGHTS, file=sys.stderr)
+        return 2
+    if args.image is not None and args.effnet is None:
+        raise UsageError("--image needs --effnet: the EfficientNet encoder ships only in dome272/wuerstchen's "
+                         "model_v2_stage_b.pt (convert it with `python -m wuerstchen_core convert`).")
+    if args.width <= 0 or args.height <= 0:
+        raise UsageError(f"Image size {args.width}×{args.height}: expected positive sides (multiples of 128 px).")
+    snap_size(args.width, args.height)  # refuse bad sizes before loading gigabytes
+    if min(args.seed or 0, args.decoder_seed or 0) < 0:
+        raise UsageError("Seeds must be non-negative integers.")
+    outputs = _output_paths(args.output, args.batch)
+    for option, path in (("--prior", args.prior), ("--decoder", args.decoder), ("--effnet", args.effnet),
+                         ("--image", args.image)):
+        if path is not None and not Path(path).expanduser().exists():
+            raise UsageError(f"{option} {path} does not exist; expected a file or folder.")
+
+    from . import loading, pipeline
+
+    device, dtype = _device_and_dtype(args)
+    progress = _Progress()
+    progress.note(f"loading models ({dtype} on {device})")
+    prior = loading.load_prior(args.prior, dtype, device)
+    prior_text = loading.load_text_encoder(
+        _part(args.prior_text_encoder, args.prior, "--prior-text-encoder", "the CLIP bigG text encoder"),
+        "bigG", dtype, device)
+    decoder = loading.load_decoder(args.decoder, dtype, device)
+    decoder_text = loading.load_text_encoder(
+        _part(args.decoder_text_encoder, args.decoder, "--decoder-text-encoder", "the CLIP H text encoder"),
+        "H", dtype, device)
+    vqgan = loading.load_vqgan(_part(args.vqgan, args.decoder, "--vqgan", "the Stage A VQGAN"), dtype, device)
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    decoder_seed = seed if args.decoder_seed is None else args.decoder_seed
+    settings = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "width", "height", "prior_steps",
+                                              "prior_cfg", "decoder_steps", "decoder_cfg", "sampler", "denoise")}
+    settings |= {"dtype": dtype, "seed": seed, "decoder_seed": decoder_seed,
+                 "models": {"prior": args.prior, "decoder": args.decoder}}
+    if args.image is None:
+        settings.pop("denoise")
+        images = pipeline.generate(
+            prior, decoder, vqgan, prior_text, decoder_text, args.prompt, args.negative_prompt, width=args.width,
+            height=args.height, batch=args.batch, seed=seed, decoder_seed=decoder_seed, prior_steps=args.prior_steps,
+            prior_cfg=args.prior_cfg, decoder_steps=args.decoder_steps, decoder_cfg=args.decoder_cfg,
+            sampler=args.sampler, tile=args.tile, progress=progress)
+    else:
+        settings["image"] = args.image
+        images = _img2img(args, prior, decoder, vqgan, prior_text, decoder_text, seed, decoder_seed, device, progress)
+    for i, (image, path) in enumerate(zip(images, outputs)):
+        _save_png(image, path, settings | {"seed": seed + i, "decoder_seed": decoder_seed + i})
+        print(path)
+    return 0
+
+
+def _img2img(args, prior, decoder, vqgan, prior_text, decoder_text, seed, decoder_seed, device, progress):
+    """Stage C from an image encoded by the EfficientNet, then Stage B and Stage A as usual."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from . import loading, pipeline
+
+    try:
+        pixels = np.asarray(Image.open(args.image).convert("RGB"), dtype=np.float32) / 255
+    except (OSError, UnidentifiedImageError) as e:
+        raise UsageError(f"--image {args.image} cannot be read as an image ({e}).") from None
+    width, height, note = snap_size(args.width, args.height)
+    if note:
+        warnings.warn(note)
+    image = torch.from_numpy(pixels).permute(2, 0, 1)[None].expand(args.batch, -1, -1, -1)
+    effnet = loading.load_effnet(args.effnet, "fp32", device)
+    latent = pipeline.encode_stage_c(effnet, image, width, height)
+    report = {s: (lambda i, n, x, x0, s=s: progress(s, i + 1, n)) for s in ("Stage C", "Stage B")}
+    guided_c, guided_b = args.prior_cfg > 1, args.decoder_cfg > 1
+    c = pipeline.sample_stage_c(
+        prior, prior_text.encode([args.prompt]), prior_text.encode([args.negative_prompt]) if guided_c else None,
+        latent=latent, seeds=pipeline.image_seeds(seed, args.batch), steps=args.prior_steps, cfg=args.prior_cfg,
+        sampler=args.sampler, denoise=args.denoise, callback=report["Stage C"])
+    b = pipeline.sample_stage_b(
+        decoder, c, decoder_text.encode([args.prompt]), decoder_text.encode([args.negative_prompt]) if guided_b else None,
+        seeds=pipeline.image_seeds(decoder_seed, args.batch), steps=args.decoder_steps, cfg=args.decoder_cfg,
+        sampler=args.sampler, callback=report["Stage B"])
+    return pipeline.decode_stage_a(vqgan, b, tile=args.tile)
+
+
+# ---------------------------------------------------------------------------------------------
+# convert, run
+
+
+def convert(args) -> int:
+    from .convert import convert as run_convert
+
+    for path in run_convert(args.input, args.output, kinds=args.kinds, dtype=args.dtype, overwrite=args.overwrite):
+        print(path)
+    return 0
+
+
+def run(args) -> int:
+    if not Path(args.workflow).is_file():
+        raise UsageError(f"Workflow {args.workflow} does not exist; expected an API- or UI-format .json file.")
+    repo_root = str(Path(__file__).resolve().parent.parent)
+    if repo_root not in sys.path:
+        sys.path.append(repo_root)
+    try:
+        from nodes.runner import run_workflow_file
+    except ImportError as e:
+        raise UsageError(f"The workflow runner (nodes/runner.py next to wuerstchen_core/) cannot be imported ({e}); "
+                         "expected the full node pack checkout.") from None
+    import torch
+
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    result = run_workflow_file(args.workflow, args.models_dir, args.output_dir, device=device, input_dir=args.input_dir)
+    for node_ui in result.get("ui", {}).values():
+        for image in node_ui.get("images", []):
+            if image.get("type") == "output":
+                print(os.path.join(args.output_dir, image.get("subfolder", ""), image["filename"]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+    try:
+        return {"generate": generate, "convert": convert, "run": run}[args.command](args)
+    except WuerstchenError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        print(f"error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 2

@@ -1,0 +1,148 @@
+"""Building blocks shared by the Stage C prior and the Stage B decoder (ConvNeXt-style blocks,
+FiLM-like timestep conditioning, self+cross attention) and the r (timestep) embedding.
+
+Module and parameter names follow the diffusers checkpoints, so state dicts load unchanged.
+Dropout slots of the reference Sequentials are kept as nn.Identity so the indices still match.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import WrongComponentError
+
+LN_EPS = 1e-6  # every LayerNorm of Stages A/B/C: non-affine, eps 1e-6
+
+
+def r_embedding(r: torch.Tensor, c_r: int) -> torch.Tensor:
+    """Sinusoidal embedding of r in [0, 1] (r=1 is pure noise): [B] -> [B, c_r].
+
+    r*10000 is computed in r's dtype (an fp16 r is quantised exactly as in the reference), the
+    frequencies in fp32, and the result is cast back to r's dtype. The divisor is half-1.
+    """
+    r = r * 10000
+    half = c_r // 2
+    freqs = torch.arange(half, device=r.device, dtype=torch.float32).mul(-math.log(10000) / (half - 1)).exp()
+    emb = r[:, None] * freqs[None, :]
+    emb = torch.cat([emb.sin(), emb.cos()], dim=1)
+    if c_r % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb.to(r.dtype)
+
+
+def state_shape(sd: dict, key: str, component: str) -> tuple[int, ...]:
+    """Shape of sd[key]; a missing key means the file holds something other than `component`."""
+    if key not in sd:
+        raise WrongComponentError(
+            f"The {component} state dict has no '{key}' tensor; expected a Würstchen v2 {component} checkpoint."
+        )
+    return tuple(sd[key].shape)
+
+
+class LayerNorm2d(nn.Module):
+    """Non-affine LayerNorm over the channels of an NCHW tensor."""
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=LN_EPS).permute(0, 3, 1, 2)
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2 GRN on NHWC input, in the exact reference form (eps added to the channel mean)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+    def forward(self, x):
+        g = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # [B,1,1,C]
+        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * n) + self.beta + x
+
+
+def channelwise_mlp(c_in, c):
+    """Linear(c_in->4c) -> GELU -> GRN -> (dropout slot) -> Linear(4c->c), on NHWC tokens."""
+    h = c * 4
+    return nn.Sequential(nn.Linear(c_in, h), nn.GELU(), GlobalResponseNorm(h), nn.Identity(), nn.Linear(h, c))
+
+
+class TimestepBlock(nn.Module):
+    """x * (1 + a) + b with (a, b) mapped from the r embedding."""
+
+    def __init__(self, c, c_r):
+        super().__init__()
+        self.mapper = nn.Linear(c_r, c * 2)
+
+    def forward(self, x, r_embed):
+        a, b = self.mapper(r_embed)[:, :, None, None].chunk(2, dim=1)
+        return x * (1 + a) + b
+
+
+class ResBlock(nn.Module):
+    """Prior residual block: depthwise conv -> LN -> channelwise MLP, plus the input.
+
+    The reference block also accepts a skip that would be concatenated before the depthwise
+    conv; the prior never passes one, so it is not implemented here.
+    """
+
+    def __init__(self, c, kernel_size=3):
+        super().__init__()
+        self.depthwise = nn.Conv2d(c, c, kernel_size, padding=kernel_size // 2, groups=c)
+        self.channelwise = channelwise_mlp(c, c)
+
+    def forward(self, x):
+        h = F.layer_norm(self.depthwise(x).permute(0, 2, 3, 1), x.shape[1:2], eps=LN_EPS)
+        return x + self.channelwise(h).permute(0, 3, 1, 2)
+
+
+class ResBlockStageB(nn.Module):
+    """Decoder residual block: the skip (U-Net and/or effnet features) is concatenated after
+    depthwise conv + LN, so it only enters the first Linear."""
+
+    def __init__(self, c, c_skip=0, kernel_size=3):
+        super().__init__()
+        self.depthwise = nn.Conv2d(c, c, kernel_size, padding=kernel_size // 2, groups=c)
+        self.channelwise = channelwise_mlp(c + c_skip, c)
+
+    def forward(self, x, *skips):  # skips: NCHW maps, concatenated in the given order
+        h = F.layer_norm(self.depthwise(x).permute(0, 2, 3, 1), x.shape[1:2], eps=LN_EPS)  # NHWC
+        if skips:
+            h = torch.cat([h, *(s.permute(0, 2, 3, 1) for s in skips)], dim=-1)
+        return x + self.channelwise(h).permute(0, 3, 1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with biased q/k/v/out projections (diffusers key names)."""
+
+    def __init__(self, c, nhead):
+        super().__init__()
+        self.nhead = nhead
+        self.to_q = nn.Linear(c, c)
+        self.to_k = nn.Linear(c, c)
+        self.to_v = nn.Linear(c, c)
+        self.to_out = nn.ModuleList([nn.Linear(c, c)])  # index 1 was a Dropout
+
+    def heads(self, t):  # [B,tokens,C] -> [B,heads,tokens,head_dim]
+        return t.unflatten(-1, (self.nhead, -1)).transpose(1, 2)
+
+    def forward(self, x, kv):  # x [B,N,C], kv [B,M,C]
+        q, k, v = self.heads(self.to_q(x)), self.heads(self.to_k(kv)), self.heads(self.to_v(kv))
+        out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim), no mask
+        return self.to_out[0](out.transpose(1, 2).flatten(2))
+
+
+class AttnBlock(nn.Module):
+    """Self-attention of the normalised image tokens over [image tokens || SiLU->Linear(cond)],
+    no mask, residual on the un-normalised input."""
+
+    def __init__(self, c, c_cond, nhead):
+        super().__init__()
+        self.attention = Attention(c, nhead)
+        self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c))
+
+    def forward(self, x, cond):  # x [B,C,H,W], cond [B,T,c_cond]
+        tokens = F.layer_norm(x.flatten(2).transpose(1, 2), x.shape[1:2], eps=LN_EPS)  # [B,HW,C]
+        kv = torch.cat([tokens, self.kv_mapper(cond)], dim=1)
+        return x + self.attention(tokens, kv).transpose(1, 2).reshape(x.shape)

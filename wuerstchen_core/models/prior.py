@@ -1,0 +1,73 @@
+"""Stage C: the text-conditioned prior that denoises the 16-channel EfficientNet latent."""
+
+from dataclasses import dataclass, fields
+
+from torch import nn
+
+from ..errors import CheckpointError
+from .common import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, r_embedding, state_shape
+
+HEAD_DIM = 64  # head count is not stored in the weights; every Würstchen attention uses 64-d heads
+
+# WuerstchenPrior.__init__ defaults: what diffusers uses for keys a config.json leaves out.
+_DIFFUSERS_DEFAULTS = dict(c_in=16, c=1280, c_cond=1024, c_r=64, depth=16, nhead=16)
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    c_in: int = 16  # latent channels
+    c: int = 1536  # width
+    c_cond: int = 1280  # text embedding width (CLIP bigG)
+    c_r: int = 64  # r embedding size
+    depth: int = 32  # number of (ResBlock, TimestepBlock, AttnBlock) triples
+    nhead: int = 24
+
+    def __post_init__(self):
+        if self.nhead <= 0 or self.c % self.nhead:
+            raise CheckpointError(f"Prior config has c={self.c} and nhead={self.nhead}; expected c divisible by nhead.")
+
+    @classmethod
+    def from_state_dict(cls, sd) -> "PriorConfig":
+        """Infer the config from tensor names and shapes (nhead = c / 64)."""
+        c, c_in = state_shape(sd, "projection.weight", "prior")[:2]
+        c_cond = state_shape(sd, "cond_mapper.0.weight", "prior")[1]
+        c_r = state_shape(sd, "blocks.1.mapper.weight", "prior")[1]
+        depth = sum(k.startswith("blocks.") and k.endswith(".depthwise.weight") for k in sd)
+        return cls(c_in=c_in, c=c, c_cond=c_cond, c_r=c_r, depth=depth, nhead=max(c // HEAD_DIM, 1))
+
+    @classmethod
+    def from_diffusers(cls, config: dict) -> "PriorConfig":
+        """From a diffusers WuerstchenPrior config.json dict; unknown keys (dropout, ...) are ignored."""
+        names = {f.name for f in fields(cls)}
+        try:
+            return cls(**{**_DIFFUSERS_DEFAULTS, **{k: int(v) for k, v in config.items() if k in names}})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"Prior config.json has an invalid value ({e}); expected integer fields.") from None
+
+
+class WuerstchenPrior(nn.Module):
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.c
+        self.projection = nn.Conv2d(cfg.c_in, c, kernel_size=1)
+        self.cond_mapper = nn.Sequential(nn.Linear(cfg.c_cond, c), nn.LeakyReLU(0.2), nn.Linear(c, c))
+        self.blocks = nn.ModuleList()
+        for _ in range(cfg.depth):
+            # the text is already mapped to width c, hence c_cond=c
+            self.blocks.extend([ResBlock(c), TimestepBlock(c, cfg.c_r), AttnBlock(c, c, cfg.nhead)])
+        self.out = nn.Sequential(LayerNorm2d(), nn.Conv2d(c, cfg.c_in * 2, kernel_size=1))
+
+    def forward(self, x, r, clip):
+        """x [B,c_in,h,w], r [B] in [0,1], clip [B,T,c_cond] -> eps [B,c_in,h,w].
+
+        The r embedding is computed in r's own dtype and then cast to the model dtype: a float32 r
+        gives the original (autocast) behaviour, r in the model's fp16 reproduces diffusers."""
+        h = self.projection(x)
+        cond = self.cond_mapper(clip)
+        r_embed = r_embedding(r, self.cfg.c_r).to(h.dtype)
+        blocks = iter(self.blocks)
+        for res, film, attn in zip(blocks, blocks, blocks):
+            h = attn(film(res(h), r_embed), cond)
+        a, b = self.out(h).chunk(2, dim=1)
+        return (x - a) / ((1 - b).abs() + 1e-5)

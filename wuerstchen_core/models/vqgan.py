@@ -1,0 +1,108 @@
+"""Stage A: the Paella f4 VQGAN. Stage B works in its latent space divided by scale_factor."""
+
+import re
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError
+from .common import LN_EPS, state_shape
+
+SCALE = 2  # up_down_scale_factor: not recoverable from the weights (only channels * scale**2 is)
+
+# names of the old `VQModelPaella` hub config -> current PaellaVQModel names
+_OLD_NAMES = {"c_hidden": "embed_dim", "c_latent": "latent_channels", "codebook_size": "num_vq_embeddings"}
+
+
+@dataclass(frozen=True)
+class VQGANConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    levels: int = 2
+    bottleneck_blocks: int = 12
+    embed_dim: int = 384  # width of the deepest level; level i has embed_dim / 2**(levels-1-i)
+    latent_channels: int = 4
+    num_vq_embeddings: int = 8192
+    scale_factor: float = 0.3764
+    up_down_scale_factor: int = 2
+
+    @classmethod
+    def from_state_dict(cls, sd) -> "VQGANConfig":
+        """Infer the config from tensor names and shapes; scale_factor is not stored in the
+        weights (0.3764 for every public checkpoint) and up_down_scale_factor is taken as 2."""
+        in_ch = state_shape(sd, "in_block.1.weight", "VQGAN")[1] // SCALE**2
+        out_ch = state_shape(sd, "out_block.0.weight", "VQGAN")[0] // SCALE**2
+        num_vq, latent = state_shape(sd, "vquantizer.embedding.weight", "VQGAN")
+        last = max(int(m[1]) for k in sd if (m := re.match(r"down_blocks\.(\d+)\.", k)))  # the conv+BN block
+        levels = (last + 1) // 2
+        embed_dim = state_shape(sd, f"down_blocks.{last}.0.weight", "VQGAN")[1]
+        up_mixers = sum(bool(re.fullmatch(r"up_blocks\.\d+\.gammas", k)) for k in sd)
+        return cls(in_channels=in_ch, out_channels=out_ch, levels=levels, bottleneck_blocks=up_mixers - (levels - 1),
+                   embed_dim=embed_dim, latent_channels=latent, num_vq_embeddings=num_vq, up_down_scale_factor=SCALE)
+
+    @classmethod
+    def from_diffusers(cls, config: dict) -> "VQGANConfig":
+        """From a PaellaVQModel config.json dict, or an old VQModelPaella one (c_hidden, c_latent,
+        codebook_size); unknown keys are ignored and missing keys take the defaults."""
+        names = {f.name for f in fields(cls)}
+        kw = {_OLD_NAMES.get(k, k): v for k, v in config.items()}
+        try:
+            return cls(**{k: float(v) if k == "scale_factor" else int(v) for k, v in kw.items() if k in names})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"VQGAN config.json has an invalid value ({e}); expected numbers.") from None
+
+
+class MixingResidualBlock(nn.Module):
+    """Paella block: gated depthwise (replication padded) and channelwise residual updates."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.depthwise = nn.Sequential(nn.ReplicationPad2d(1), nn.Conv2d(c, c, kernel_size=3, groups=c))
+        self.channelwise = nn.Sequential(nn.Linear(c, c * 4), nn.GELU(), nn.Linear(c * 4, c))
+        self.gammas = nn.Parameter(torch.zeros(6))
+
+    def forward(self, x):
+        g = self.gammas
+        h = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=LN_EPS) * (1 + g[0]) + g[1]  # NHWC
+        x = x + self.depthwise(h.permute(0, 3, 1, 2)) * g[2]
+        h = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=LN_EPS) * (1 + g[3]) + g[4]
+        return x + self.channelwise(h).permute(0, 3, 1, 2) * g[5]
+
+
+class PaellaVQGAN(nn.Module):
+    """Images in [0, 1] <-> Stage B latents (BatchNorm output / scale_factor). Keep in eval mode:
+    the encoder ends in a BatchNorm2d that must use its running statistics."""
+
+    def __init__(self, cfg: VQGANConfig):
+        super().__init__()
+        self.cfg = cfg
+        s, n = cfg.up_down_scale_factor, cfg.levels
+        c_levels = [cfg.embed_dim // 2**i for i in reversed(range(n))]  # shallow -> deep
+        self.in_block = nn.Sequential(nn.PixelUnshuffle(s), nn.Conv2d(cfg.in_channels * s**2, c_levels[0], 1))
+        down = []
+        for i, c in enumerate(c_levels):
+            if i:
+                down.append(nn.Conv2d(c_levels[i - 1], c, kernel_size=4, stride=2, padding=1))
+            down.append(MixingResidualBlock(c))
+        down.append(nn.Sequential(nn.Conv2d(c_levels[-1], cfg.latent_channels, 1, bias=False),
+                                  nn.BatchNorm2d(cfg.latent_channels)))
+        self.down_blocks = nn.Sequential(*down)
+        # codebook, kept for key parity: decoding never quantises
+        self.vquantizer = nn.ModuleDict({"embedding": nn.Embedding(cfg.num_vq_embeddings, cfg.latent_channels)})
+        up = [nn.Sequential(nn.Conv2d(cfg.latent_channels, c_levels[-1], 1))]
+        for i in reversed(range(n)):
+            up.extend(MixingResidualBlock(c_levels[i]) for _ in range(cfg.bottleneck_blocks if i == n - 1 else 1))
+            if i:
+                up.append(nn.ConvTranspose2d(c_levels[i], c_levels[i - 1], kernel_size=4, stride=2, padding=1))
+        self.up_blocks = nn.Sequential(*up)
+        self.out_block = nn.Sequential(nn.Conv2d(c_levels[0], cfg.out_channels * s**2, 1), nn.PixelShuffle(s))
+
+    def encode(self, img):
+        """img [B,3,H,W] in [0,1] -> Stage B latent [B,latent_channels,H/4,W/4] (unquantised)."""
+        return self.down_blocks(self.in_block(img)) / self.cfg.scale_factor
+
+    def decode(self, latent):
+        """Stage B latent -> image, roughly in [0,1] but not clamped (the caller clamps)."""
+        return self.out_block(self.up_blocks(latent * self.cfg.scale_factor))

@@ -1,0 +1,72 @@
+"""Speed and memory options that do not change the networks: fp8 weight storage, stage-at-a-time
+offloading and compiled (static-shape, CUDA-graph) forwards.
+
+None of these is on by default; the CLI and the nodes expose each as an option.
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import WuerstchenError
+
+FP8 = torch.float8_e4m3fn
+
+
+class Fp8Linear(nn.Linear):
+    """A Linear whose weight is stored in float8 (e4m3) and cast to the input dtype for each call.
+
+    Halves the weight memory of a half-precision model; the matmul itself runs in the compute dtype.
+    """
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+def store_linear_weights_in_fp8(model: nn.Module) -> nn.Module:
+    """Convert every Linear weight of `model` to float8 storage in place (biases, convs, norms keep
+    their dtype). The Linear layers hold >99% of the Stage B/C parameters."""
+    if not hasattr(torch, "float8_e4m3fn"):
+        raise WuerstchenError("fp8 weight storage needs torch ≥ 2.1 with float8 support; this torch has none.")
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = Fp8Linear
+            module.weight = nn.Parameter(module.weight.detach().to(FP8), requires_grad=False)
+    return model
+
+
+@contextlib.contextmanager
+def on_device(model: nn.Module, device, offload_device="cpu"):
+    """Stage-at-a-time (low-VRAM) execution: move `model` to `device` for the block, back after.
+
+    Weights are kept in pinned host memory between uses when offloading from CUDA, so the copies
+    run at full PCIe speed.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        yield model
+        return
+    model.to(device, non_blocking=True)
+    try:
+        yield model
+    finally:
+        model.to(offload_device)
+        if torch.device(offload_device).type == "cpu":
+            for p in model.parameters():
+                p.data = p.data.pin_memory()
+            for b in model.buffers():
+                b.data = b.data.pin_memory()
+
+
+def compile_model(model: nn.Module, cuda_graphs: bool = True) -> nn.Module:
+    """The pack's fast mode: compile the forward for static shapes.
+
+    On CUDA "reduce-overhead" also captures CUDA graphs, which removes the per-kernel launch cost
+    that dominates small latents (a 24×24 Stage C grid). Each new batch/size compiles once more.
+    Returns a module with the same state dict keys (torch.compile wraps, it does not copy weights).
+    """
+    mode = "reduce-overhead" if cuda_graphs else "default"
+    return torch.compile(model, mode=mode, fullgraph=True, dynamic=False)

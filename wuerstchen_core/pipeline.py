@@ -1,0 +1,380 @@
+"""The three stages as plain functions over loaded models, used by the CLI and the nodes.
+
+text -> sample_stage_c (prior space, (effnet + 1) / 42) -> sample_stage_b (Stage B space)
+     -> decode_stage_a (image in 0..1). img2img enters through encode_stage_c / encode_stage_a.
+
+Seeds are per stage and per image: image i uses its own CPU generator seeded `seed + batch_index[i]`,
+so a batch equals the single runs it is made of, on any device. Every stage checks its output for
+NaN/inf: in float16 it reruns once in bfloat16 (float32 where bfloat16 is unsupported) with a warning,
+in other dtypes it raises, so an overflow never turns silently into a black image.
+"""
+
+import math
+import warnings
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import SizeError, StageMismatchError, WuerstchenError
+from .models.effnet import encode_stage_c
+from .sampling import NoiseSource, cfg_denoiser, generators_for_seeds, noise_to, sample
+from .schedule import check_timesteps, linear_timesteps, stage_c_preset, truncate_for_denoise
+from .sizes import check_stage_b_grid, snap_size, stage_b_grid, stage_c_grid
+
+__all__ = ["decode_stage_a", "encode_stage_a", "encode_stage_c", "generate", "image_seeds",
+           "run_with_dtype_fallback", "sample_stage_b", "sample_stage_c", "stage_c_to_effnet"]
+
+LATENT_MEAN, LATENT_STD = 42.0, 1.0  # prior space = (effnet + LATENT_STD) / LATENT_MEAN
+
+Callback = Callable[[int, int, Tensor, Tensor], None]
+
+
+class _NonFinite(Exception):
+    """Raised inside a stage as soon as the model produces NaN/inf, to stop a doomed run early."""
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def image_seeds(seed: int, batch_size: int, batch_index: Sequence[int] | None = None) -> list[int]:
+    """Seed of every image of a batch: seed + batch_index[i] (batch_index defaults to 0..B-1)."""
+    index = range(batch_size) if batch_index is None else list(batch_index)
+    if len(index) != batch_size:
+        raise StageMismatchError(f"batch_index has {len(index)} entries for a batch of {batch_size}; expected one per image.")
+    return [seed + i for i in index]
+
+
+def _place(module: nn.Module, device, dtype) -> tuple[torch.device, torch.dtype]:
+    """Move/cast `module` to device/dtype when given (defaults: where it already is)."""
+    p = next(module.parameters())
+    device, dtype = torch.device(device) if device is not None else p.device, dtype or p.dtype
+    if (p.device, p.dtype) != (device, dtype):
+        module.to(device, dtype)
+    return device, dtype
+
+
+def _batched(t: Tensor, batch: int, what: str) -> Tensor:
+    """A conditioning tensor broadcast from batch 1 to `batch`, or checked to already have it."""
+    if t.shape[0] == batch:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(batch, *t.shape[1:])
+    raise StageMismatchError(f"{what} has batch {t.shape[0]} for {batch} images; expected 1 or {batch}.")
+
+
+def _batch_size(seeds, *tensors) -> int:
+    """Images in the batch: one per seed when seeds is a list, else the largest tensor batch."""
+    if not isinstance(seeds, int):
+        return len(seeds)
+    return max((t.shape[0] for t in tensors if t is not None), default=1)
+
+
+def _seed_list(seeds, batch: int, batch_index) -> list[int]:
+    if isinstance(seeds, int):
+        return image_seeds(seeds, batch, batch_index)
+    return [int(s) for s in seeds]
+
+
+def _schedule(timesteps, steps, default: Tensor, denoise: float) -> Tensor:
+    ts = check_timesteps(timesteps) if timesteps is not None else linear_timesteps(steps) if steps else default
+    return truncate_for_denoise(ts, denoise)
+
+
+def _mask_to(mask: Tensor | None, x: Tensor) -> Tensor | None:
+    """A [B|1,1,h,w] mask (1 = regenerate) resized to x's grid."""
+    if mask is None:
+        return None
+    mask = mask.to(x.device, torch.float32)
+    mask = mask.view(1, 1, *mask.shape) if mask.ndim == 2 else mask.unsqueeze(1) if mask.ndim == 3 else mask
+    if mask.shape[-2:] != x.shape[-2:]:
+        mask = F.interpolate(mask, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return mask.clamp(0, 1).to(x.dtype)
+
+
+def _guarded(eps_fn):
+    """Stop sampling at the first non-finite model output."""
+    def guarded(x, r):
+        eps = eps_fn(x, r)
+        if not bool(torch.isfinite(eps).all()):
+            raise _NonFinite
+        return eps
+    return guarded
+
+
+def _fallback_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" else torch.float32
+
+
+def run_with_dtype_fallback(fn: Callable[[torch.dtype], Tensor], module: nn.Module, stage: str) -> Tensor:
+    """Run `fn(dtype)` with `module` in its own dtype and return the (finite) result.
+
+    When a float16 run yields NaN/inf (activations overflowing 65504), warn and rerun it once with the
+    module cast to bfloat16 (float32 where bfloat16 is unsupported), then restore the module's float16
+    weights exactly. A non-finite result in any other dtype raises a WuerstchenError.
+    """
+    p = next(module.parameters())
+    dtype = p.dtype
+    try:
+        out = fn(dtype)
+        if bool(torch.isfinite(out).all()):
+            return out
+    except _NonFinite:
+        pass
+    if dtype != torch.float16:
+        raise WuerstchenError(f"{stage} produced NaN/inf values in {dtype}; expected finite values "
+                              "(the weights or the input latent are probably damaged).")
+    fallback = _fallback_dtype(p.device)
+    warnings.warn(f"{stage} overflowed in float16 (NaN/inf); rerunning it in {fallback}. "
+                  "Use bf16 or fp32 for this model to avoid the second run.", RuntimeWarning, stacklevel=3)
+    saved = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}  # bf16 is lossy
+    module.to(fallback)
+    try:
+        out = fn(fallback)
+    except _NonFinite:
+        out = None
+    finally:
+        module.to(dtype)
+        module.load_state_dict(saved)
+    if out is None or not bool(torch.isfinite(out).all()):
+        raise WuerstchenError(f"{stage} produced NaN/inf values in float16 and again in {fallback}; "
+                              "expected finite values (the weights or the input latent are probably damaged).")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+
+@torch.no_grad()
+def sample_stage_c(prior: nn.Module, cond: Tensor, uncond: Tensor | None = None, *, latent: Tensor | None = None,
+                   height: int | None = None, width: int | None = None, seeds: int | Sequence[int] = 0,
+                   batch_index: Sequence[int] | None = None, timesteps=None, steps: int | None = None,
+                   cfg: float = 4.0, sampler: str = "ddpm", denoise: float = 1.0, mask: Tensor | None = None,
+                   callback: Callback | None = None, device=None, dtype=None) -> Tensor:
+    """Stage C: text embeddings [B|1,77,c_cond] -> latent [B,c_in,hc,wc] in the prior's space.
+
+    Text-to-image (latent=None) at height×width, snapped to 128 px with a warning; img2img from
+    `latent` with strength `denoise` (mask [B,1,h,w]: 1 = regenerate). The schedule is `timesteps`,
+    else linear `steps`, else the Würstchen Stage C preset. `seeds`: one per image, or an int
+    (image i gets seeds + batch_index[i]). Guidance is on when cfg > 1 and then needs `uncond`.
+    """
+    device, dtype = _place(prior, device, dtype)
+    batch = _batch_size(seeds, latent, cond)
+    seed_list = _seed_list(seeds, batch, batch_index)
+    if latent is None:
+        if height is None or width is None:
+            raise SizeError("Stage C text-to-image needs an image height and width; got none.")
+        if height <= 0 or width <= 0:
+            raise SizeError(f"Image size {width}×{height}: expected positive sides (multiples of 128 px).")
+        width, height, note = snap_size(width, height)
+        if note:
+            warnings.warn(note, stacklevel=2)
+        shape = (batch, prior.cfg.c_in, *stage_c_grid(height, width))
+    else:
+        if latent.ndim != 4 or latent.shape[1] != prior.cfg.c_in:
+            raise StageMismatchError(f"Stage C got a latent of shape {tuple(latent.shape)}; expected "
+                                     f"[batch, {prior.cfg.c_in}, h, w] from Stage C or the EfficientNet encoder.")
+        shape = (batch, *latent.shape[1:])
+        latent = _batched(latent, batch, "The Stage C latent")
+    if mask is not None and latent is None:
+        raise StageMismatchError("Stage C got a mask without a latent; expected the latent the mask applies to.")
+    ts = _schedule(timesteps, steps, stage_c_preset(), denoise if latent is not None else 1.0)
+    if cfg > 1 and uncond is None:
+        raise StageMismatchError(f"Stage C guidance {cfg} needs a negative (unconditional) text embedding; got none.")
+
+    def run(dt):
+        noise = NoiseSource(generators_for_seeds(seed_list), device, dt)
+        c = {"clip": _batched(cond, batch, "The Stage C text embedding").to(device, dt)}
+        u = {"clip": _batched(uncond, batch, "The Stage C negative embedding").to(device, dt)} if cfg > 1 else None
+        eps_fn = cfg_denoiser(lambda x, r, k: prior(x, r, k["clip"]), c, u, cfg)
+        x = noise(shape)
+        x0 = None if latent is None else latent.to(device, dt)
+        if x0 is not None:
+            x = noise_to(x0, float(ts[0]), x)
+        return sample(_guarded(eps_fn), x, ts, sampler, noise=noise, x0_source=x0,
+                      mask=_mask_to(mask, x), callback=callback)
+
+    return run_with_dtype_fallback(run, prior, "Stage C (prior)")
+
+
+def stage_c_to_effnet(latent: Tensor) -> Tensor:
+    """Prior space -> the raw EfficientNet features Stage B is conditioned on: latent·42 − 1."""
+    return latent * LATENT_MEAN - LATENT_STD
+
+
+@torch.no_grad()
+def sample_stage_b(decoder: nn.Module, stage_c_latent: Tensor, cond: Tensor, uncond: Tensor | None = None, *,
+                   seeds: int | Sequence[int] = 0, batch_index: Sequence[int] | None = None, steps: int = 12,
+                   timesteps=None, cfg: float = 0.0, sampler: str = "ddpm", denoise: float = 1.0,
+                   latent: Tensor | None = None, mask: Tensor | None = None, callback: Callback | None = None,
+                   device=None, dtype=None) -> Tensor:
+    """Stage B: Stage C latent [B|1,16,hc,wc] + text [B|1,77,clip_embd] -> latent [B,4,hb,wb].
+
+    The grid is int(hc·10.67) × int(wc·10.67), or the shape of `latent` for img2img. Each image is
+    paired with its own text embedding and effnet map (a single one is broadcast). With cfg > 1 the
+    unconditional pass sees `uncond` and an all-zero effnet map.
+    """
+    device, dtype = _place(decoder, device, dtype)
+    if stage_c_latent.ndim != 4 or stage_c_latent.shape[1] != decoder.cfg.effnet_embd:
+        raise StageMismatchError(f"Stage B got a Stage C latent of shape {tuple(stage_c_latent.shape)}; expected "
+                                 f"[batch, {decoder.cfg.effnet_embd}, h, w].")
+    batch = _batch_size(seeds, latent, stage_c_latent, cond)
+    seed_list = _seed_list(seeds, batch, batch_index)
+    if latent is None:
+        shape = (batch, decoder.cfg.c_in, *stage_b_grid(*stage_c_latent.shape[-2:]))
+    else:
+        if latent.ndim != 4 or latent.shape[1] != decoder.cfg.c_in:
+            raise StageMismatchError(f"Stage B got a latent of shape {tuple(latent.shape)}; expected "
+                                     f"[batch, {decoder.cfg.c_in}, h, w] from Stage B or the VQGAN encoder.")
+        shape = (batch, *latent.shape[1:])
+        latent = _batched(latent, batch, "The Stage B latent")
+    if mask is not None and latent is None:
+        raise StageMismatchError("Stage B got a mask without a latent; expected the latent the mask applies to.")
+    check_stage_b_grid(*shape[-2:])
+    ts = _schedule(timesteps, steps, linear_timesteps(12), denoise if latent is not None else 1.0)
+    if cfg > 1 and uncond is None:
+        raise StageMismatchError(f"Stage B guidance {cfg} needs a negative (unconditional) text embedding; got none.")
+    effnet = stage_c_to_effnet(_batched(stage_c_latent, batch, "The Stage C latent").to(device, torch.float32))
+
+    def run(dt):
+        noise = NoiseSource(generators_for_seeds(seed_list), device, dt)
+        c = {"clip": _batched(cond, batch, "The Stage B text embedding").to(device, dt), "effnet": effnet.to(dt)}
+        u = None
+        if cfg > 1:
+            u = {"clip": _batched(uncond, batch, "The Stage B negative embedding").to(device, dt),
+                 "effnet": torch.zeros_like(c["effnet"])}
+        eps_fn = cfg_denoiser(lambda x, r, k: decoder(x, r, k["effnet"], k["clip"]), c, u, cfg)
+        x = noise(shape)
+        x0 = None if latent is None else latent.to(device, dt)
+        if x0 is not None:
+            x = noise_to(x0, float(ts[0]), x)
+        return sample(_guarded(eps_fn), x, ts, sampler, noise=noise, x0_source=x0,
+                      mask=_mask_to(mask, x), callback=callback)
+
+    return run_with_dtype_fallback(run, decoder, "Stage B (decoder)")
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Tile origins covering [0, size), spread evenly, neighbours overlapping by at least `overlap`."""
+    if size <= tile:
+        return [0]
+    n = math.ceil((size - tile) / (tile - overlap)) + 1
+    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
+
+
+def _ramp(n: int, ramp: int, up: bool, down: bool, device) -> Tensor:
+    """Blend weights along one tile side: linear ramps at edges that meet another tile, 1 elsewhere."""
+    i = torch.arange(n, device=device, dtype=torch.float32) + 0.5
+    w = torch.ones(n, device=device)
+    if up:
+        w = torch.minimum(w, i / ramp)
+    if down:
+        w = torch.minimum(w, (n - i) / ramp)
+    return w
+
+
+def _decode_tiled(vqgan: nn.Module, z: Tensor, tile: int, overlap: int) -> Tensor:
+    """Decode latent tiles of tile×tile, blending overlaps linearly; memory is bounded by one tile."""
+    (h, w), out, weight = z.shape[-2:], None, None
+    ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+    for y in ys:
+        for x in xs:
+            zt = z[:, :, y:y + tile, x:x + tile]
+            part = vqgan.decode(zt).float()
+            f = part.shape[-1] // zt.shape[-1]  # image px per latent px
+            if out is None:
+                out = z.new_zeros((z.shape[0], part.shape[1], h * f, w * f), dtype=torch.float32)
+                weight = z.new_zeros((1, 1, h * f, w * f), dtype=torch.float32)
+            th, tw = part.shape[-2:]
+            wy = _ramp(th, overlap * f, y > 0, y + tile < h, z.device)
+            wx = _ramp(tw, overlap * f, x > 0, x + tile < w, z.device)
+            m = (wy[:, None] * wx[None, :])[None, None]
+            out[:, :, y * f:y * f + th, x * f:x * f + tw] += part * m
+            weight[:, :, y * f:y * f + th, x * f:x * f + tw] += m
+    return out / weight
+
+
+@torch.no_grad()
+def decode_stage_a(vqgan: nn.Module, latent: Tensor, tile: int | None = None, overlap: int | None = None, *,
+                   device=None, dtype=None) -> Tensor:
+    """Stage B latent [B,4,h,w] -> float32 image [B,3,4h,4w] clamped to 0..1 (×0.3764 is inside decode).
+
+    tile: decode latent tiles of at most tile×tile (e.g. 128 for a 2048 px image), overlapping by
+    `overlap` latent px (default tile // 4) and blended linearly, so memory stays bounded. A tile that
+    covers the whole latent decodes in one piece, exactly like tile=None.
+    """
+    device, dtype = _place(vqgan, device, dtype)
+    if latent.ndim != 4 or latent.shape[1] != vqgan.cfg.latent_channels:
+        raise StageMismatchError(f"Stage A got a latent of shape {tuple(latent.shape)}; expected "
+                                 f"[batch, {vqgan.cfg.latent_channels}, h, w] from Stage B.")
+    if tile is not None and tile < 8:
+        raise SizeError(f"Stage A tile size {tile}: expected at least 8 latent pixels (32 image px).")
+    overlap = tile // 4 if tile is not None and overlap is None else overlap
+    if tile is not None and not 0 <= overlap < tile:
+        raise SizeError(f"Stage A tile overlap {overlap}: expected 0 ≤ overlap < tile size {tile}.")
+    latent = latent.to(device)
+
+    def run(dt):
+        z = latent.to(dt)
+        if tile is None or (tile >= z.shape[-2] and tile >= z.shape[-1]):
+            return vqgan.decode(z).float()
+        return _decode_tiled(vqgan, z, tile, overlap)
+
+    return run_with_dtype_fallback(run, vqgan, "Stage A (VQGAN decode)").clamp(0, 1)
+
+
+@torch.no_grad()
+def encode_stage_a(vqgan: nn.Module, images: Tensor, *, device=None, dtype=None) -> Tensor:
+    """Images [B,3,H,W] in 0..1 (H, W multiples of 4) -> Stage B latent [B,4,H/4,W/4]."""
+    device, dtype = _place(vqgan, device, dtype)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise StageMismatchError(f"Stage A encode got images of shape {tuple(images.shape)}; expected [batch, 3, H, W].")
+    if images.shape[-2] % 4 or images.shape[-1] % 4:
+        raise SizeError(f"Stage A encode got a {images.shape[-1]}×{images.shape[-2]} image; expected sides that "
+                        "are multiples of 4 (of 128 for a full Stage B round trip).")
+    return vqgan.encode(images.to(device, dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# text -> image
+
+
+def generate(prior: nn.Module, decoder: nn.Module, vqgan: nn.Module, prior_text, decoder_text, prompt: str,
+             negative_prompt: str = "", *, width: int = 1024, height: int = 1024, batch: int = 1, seed: int = 0,
+             decoder_seed: int | None = None, prior_steps: int | None = None, prior_timesteps=None,
+             prior_cfg: float = 4.0, decoder_steps: int = 12, decoder_cfg: float = 0.0, sampler: str = "ddpm",
+             tile: int | None = None, progress: Callable[[str, int, int], None] | None = None) -> Tensor:
+    """Prompt -> float32 images [batch,3,H,W] in 0..1 through all three stages.
+
+    prior_text / decoder_text: TextEncoders (CLIP bigG / CLIP H). Image i uses seed + i in Stage C and
+    decoder_seed + i (default: seed + i) in Stage B. prior_steps=None with no prior_timesteps: the
+    Stage C preset. progress(stage, step, total) is called after each step ("Stage C", "Stage B") and
+    once for "Stage A".
+    """
+    if batch < 1:
+        raise WuerstchenError(f"Batch size {batch}: expected at least 1.")
+
+    def report(stage):
+        return None if progress is None else lambda i, n, x, x0: progress(stage, i + 1, n)
+
+    def embed(encoder, guided):
+        cond = encoder.encode([prompt])
+        return cond, encoder.encode([negative_prompt]) if guided else None
+
+    seeds = image_seeds(seed, batch)
+    c_cond, c_uncond = embed(prior_text, prior_cfg > 1)
+    c = sample_stage_c(prior, c_cond, c_uncond, height=height, width=width, seeds=seeds,
+                       timesteps=prior_timesteps, steps=prior_steps, cfg=prior_cfg, sampler=sampler,
+                       callback=report("Stage C"))
+    b_cond, b_uncond = embed(decoder_text, decoder_cfg > 1)
+    b = sample_stage_b(decoder, c, b_cond, b_uncond, seeds=image_seeds(seed if decoder_seed is None else decoder_seed, batch),
+                       steps=decoder_steps, cfg=decoder_cfg, sampler=sampler, callback=report("Stage B"))
+    images = decode_stage_a(vqgan, b, tile=tile)
+    if progress is not None:
+        progress("Stage A", 1, 1)
+    return images

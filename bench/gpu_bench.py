@@ -19,7 +19,6 @@ import os
 import statistics
 import sys
 import time
-import warnings
 
 import torch
 
@@ -190,7 +189,6 @@ def main():
     skip = set(filter(None, args.skip.split(",")))
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "dtype": str(dtype), "tiny": tiny, "sections": {}}
-    warnings.simplefilter("always")
 
     def log(*a):
         print(f"[{time.perf_counter() - t_start:6.1f}s]", *a, flush=True)

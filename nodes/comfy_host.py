@@ -13,14 +13,12 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
 import folder_paths
+from comfy.cli_args import LatentPreviewMethod, args
 from comfy_api.latest import ComfyExtension, io, ui
 
 from . import ALL_NODES
 from .host import MODEL_FOLDERS, Host, Progress
 from .spec import result
-
-PREVIEW_MAX_SIDE = 512
-
 
 def register_model_folder():
     """models/wuerstchen, merged with any entry extra_model_paths.yaml created, with an extension set."""
@@ -45,7 +43,8 @@ class ComfyProgress(Progress):
 
     def update(self, step, preview=None):
         mm.throw_exception_if_processing_interrupted()
-        self.bar.update_absolute(step, self.bar.total, ("JPEG", preview, PREVIEW_MAX_SIDE) if preview is not None else None)
+        preview = ("JPEG", preview, args.preview_size) if preview is not None else None
+        self.bar.update_absolute(step, self.bar.total, preview)
 
 
 class ComfyHost(Host):
@@ -58,8 +57,9 @@ class ComfyHost(Host):
     def auto_dtype(self, kind):
         if kind in ("prior", "decoder"):  # Würstchen v2 runs in fp16 (the pipeline reruns in bf16 on overflow)
             return mm.unet_dtype(mm.get_torch_device(), supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
-        if kind == "text_encoder":
-            return mm.text_encoder_dtype(mm.text_encoder_device())
+        if kind == "text_encoder":  # our CLIP layers do not cast per op, so no fp16 weights on CPU
+            device = mm.text_encoder_device()
+            return torch.float32 if device.type == "cpu" else mm.text_encoder_dtype(device)
         if kind == "vqgan":
             return mm.vae_dtype(mm.vae_device(), allowed_dtypes=[torch.bfloat16, torch.float32])
         return torch.float32  # effnet: BatchNorm statistics stay in fp32
@@ -83,6 +83,9 @@ class ComfyHost(Host):
 
     def progress(self, total):
         return ComfyProgress(total)
+
+    def wants_previews(self):  # --preview-method none turns previews off, as for ComfyUI's own samplers
+        return args.preview_method != LatentPreviewMethod.NoPreviews
 
     def intermediate_device(self):
         return mm.intermediate_device()

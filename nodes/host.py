@@ -112,6 +112,10 @@ class Host:
     def progress(self, total: int) -> "Progress":
         raise NotImplementedError
 
+    def wants_previews(self) -> bool:
+        """Whether samplers should render step previews (they cost a small decode per step)."""
+        return True
+
     def intermediate_device(self) -> torch.device:
         return torch.device("cpu")
 
@@ -131,7 +135,9 @@ class StandaloneHost(Host):
         self.models_dir, self.device = models_dir, torch.device(device)
         self.input_dir = input_dir or os.path.join(models_dir, "..", "input")
         self.output_dir = output_dir or os.path.join(models_dir, "..", "output")
-        self.on_progress = on_progress or _stderr_progress  # on_progress(step, total, preview)
+        self.previews = on_progress is not None  # the stderr reporter shows no images
+        self.on_progress = on_progress or self._stderr_progress  # on_progress(step, total, preview)
+        self.label = ""  # the running node, set by the runner
 
     def model_dirs(self, kind):
         return [os.path.join(self.models_dir, sub)
@@ -151,6 +157,12 @@ class StandaloneHost(Host):
     def progress(self, total):
         return _CallbackProgress(total, self.on_progress)
 
+    def wants_previews(self):
+        return self.previews
+
+    def _stderr_progress(self, step, total, preview):
+        print(f"\r{self.label}: {step}/{total}", end="\n" if step >= total else "", file=sys.stderr, flush=True)
+
 
 class _CallbackProgress(Progress):
     def __init__(self, total, fn):
@@ -160,5 +172,3 @@ class _CallbackProgress(Progress):
         self.fn(step, self.total, preview)
 
 
-def _stderr_progress(step, total, preview):
-    print(f"\r  step {step}/{total}", end="\n" if step >= total else "", file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ widget values of the wrong type, out of range or not in the list. Errors name th
 
 import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -48,10 +49,12 @@ def _load_image(host, image):
 def _save(host, images, prefix, kind):
     folder = host.output_dir if kind == "output" else os.path.join(host.output_dir, "temp")
     os.makedirs(folder, exist_ok=True)
+    if os.path.basename(prefix) != prefix or not prefix:
+        raise WorkflowError(f"SaveImage: filename_prefix {prefix!r} must be a plain file name prefix.")
+    taken = [int(m.group(1)) for f in os.listdir(folder) if (m := re.fullmatch(re.escape(prefix) + r"_(\d+)_\.png", f))]
     saved = []
-    for img in images:
-        n = 1 + sum(f.startswith(prefix + "_") for f in os.listdir(folder))
-        name = f"{prefix}_{n:05}_.png"
+    for i, img in enumerate(images, start=max(taken, default=0) + 1):
+        name = f"{prefix}_{i:05}_.png"
         Image.fromarray((img.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)).save(os.path.join(folder, name))
         saved.append({"filename": name, "subfolder": "", "type": kind})
     return NodeResult((), images=saved)
@@ -179,6 +182,7 @@ def run_workflow(prompt: dict, host, specs: dict = SPECS) -> dict:
             elif _is_link(value):
                 value = outputs[str(value[0])][value[1]]
             kwargs[inp.name] = value
+        host.label = f"node {nid} ({spec.display_name})"
         res = result(spec.execute(host, **kwargs))
         outputs[nid] = res.outputs
         if res.text or res.images:

@@ -15,12 +15,23 @@ from .spec import DECODER, PRIOR, VQGAN, Input, NodeSpec, Output, seed_input
 def _reporter(host, preview):
     """A pipeline callback that reports progress (an interrupt point) and a preview of the x0 estimate."""
     state = {}
+    preview = preview if host.wants_previews() else None
 
     def callback(step, total, x, x0):
         bar = state.setdefault("bar", host.progress(total))
         bar.update(step + 1, preview(x0) if preview is not None else None)
 
     return callback
+
+
+def _image_size(grid) -> tuple[int, int] | None:
+    """(height, width) of the valid image size whose Stage C grid is `grid`, or None. Text-to-image then
+    starts from pure noise like the reference; other grids (and masks, denoise < 1) noise the latent itself."""
+    height, width = sizes.image_size_for_stage_c(*grid)
+    if height % sizes.SIZE_STEP or width % sizes.SIZE_STEP or not sizes.MIN_SIDE <= min(height, width) \
+            or max(height, width) > sizes.MAX_SIDE or sizes.stage_c_grid(height, width) != tuple(grid):
+        return None
+    return height, width
 
 
 def _common_inputs(steps_default, steps_tooltip, cfg_default, cfg_tooltip):
@@ -45,10 +56,9 @@ def _sample_c(host, prior, positive, negative, latent, seed, steps, cfg, sampler
     cond = text_embedding(positive, "bigG", batch, c.c_cond, f"{where}, input 'positive'")
     uncond = text_embedding(negative, "bigG", batch, c.c_cond, f"{where}, input 'negative'")
     m = latent_mask(latent, mask, x.shape, f"{where}, mask")
-    # Text-to-image starts from pure noise like the reference, when the grid is one a snapped size gives;
-    # otherwise (odd grids, masks, denoise < 1) the latent itself is noised.
-    height, width = sizes.image_size_for_stage_c(*x.shape[-2:])
-    from_noise = denoise >= 1.0 and m is None and sizes.stage_c_grid(*sizes.snap_size(width, height)[1::-1]) == tuple(x.shape[-2:])
+    size = _image_size(x.shape[-2:])
+    from_noise = denoise >= 1.0 and m is None and size is not None
+    height, width = size or (None, None)
     device = host.load(prior)
     dtype = prior.dtype
     with torch.inference_mode():
@@ -111,10 +121,7 @@ def _sample_b(host, decoder, positive, negative, stage_c, seed, steps, cfg, samp
     seeds = seeds_for(latent if latent is not None else stage_c, seed, batch)
     device = host.load(decoder, vqgan_for_preview)
     dtype = decoder.dtype
-    preview = None
-    if vqgan_for_preview is not None:
-        def preview(x):
-            return stage_b_preview(vqgan_for_preview.model, x)
+    preview = None if vqgan_for_preview is None else lambda x0: stage_b_preview(vqgan_for_preview.model, x0)
     with torch.inference_mode():
         out = pipeline.sample_stage_b(
             decoder.model, effnet.to(device, dtype), cond.to(device, dtype), uncond.to(device, dtype) if cfg > 1 else None,

@@ -7,6 +7,7 @@ to (models, output, input, user, temp) in a temporary directory and the pack loa
 `custom_nodes:` entry of an extra-model-paths yaml. Models are tiny random-weight files built here.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -33,6 +34,7 @@ PACK_NAME = "wuerstchen-v2-nodes"  # the folder name the pack gets under custom_
 SIZE = 256  # smallest allowed image side: Stage C grid 6×6, Stage B grid 64×64
 READY_TIMEOUT = 120
 RUN_TIMEOUT = 180
+T2I_EXAMPLE = "wuerstchen_text_to_image.json"
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}  # control_after_generate widget entries
 
 # file names of the tiny models, by loader kind (text encoders by tower)
@@ -51,7 +53,9 @@ def _write_models(root: Path) -> dict[str, Path]:
     towers in `text_encoders`. Returns the folder per yaml key."""
     from safetensors.torch import save_file
 
-    from tests.helpers.tiny_effnet import tiny_encoder
+    from wuerstchen_core.models.effnet import EfficientNetEncoder
+
+    from tests.helpers.tiny_effnet import TINY_EFFNET, randomize_effnet_
     from tests.helpers.tiny_models import tiny_decoder, tiny_prior, tiny_vqgan
     from tests.helpers.tiny_text import tiny_text_model
 
@@ -60,7 +64,8 @@ def _write_models(root: Path) -> dict[str, Path]:
     for f in folders.values():
         f.mkdir(parents=True)
     models = {"prior": tiny_prior(c_in=16, c_cond=text_width), "decoder": tiny_decoder(effnet_embd=16, clip_embd=text_width),
-              "vqgan": tiny_vqgan(), "effnet": tiny_encoder()}
+              "vqgan": tiny_vqgan(),
+              "effnet": randomize_effnet_(EfficientNetEncoder(dataclasses.replace(TINY_EFFNET, c_latent=16)))}
     for kind, model in models.items():
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folders["wuerstchen"] / FILES[kind])
     for seed, tower in enumerate(("bigG", "H")):
@@ -68,6 +73,17 @@ def _write_models(root: Path) -> dict[str, Path]:
         save_file({k: v.contiguous() for k, v in sd.items()}, folders["text_encoders"] / FILES[tower])
     (folders["wuerstchen"] / "README.txt").write_text("not a model: must not be listed\n")
     return folders
+
+
+def _write_input_image(path: Path):
+    """The examples' LoadImage picture: SIZE² RGBA, a smooth gradient with a transparent centre (the inpainting mask)."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    rgba = np.stack([x, y, 1 - x * y, np.ones_like(x)], -1)
+    rgba[SIZE // 4:3 * SIZE // 4, SIZE // 4:3 * SIZE // 4, 3] = 0
+    Image.fromarray((rgba * 255).astype(np.uint8), "RGBA").save(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,9 +134,8 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"ComfyUI exited with {self.proc.returncode}\n{self.tail()}"
-            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
-            if entry and entry.get("status", {}).get("completed") is not None and (
-                    entry["status"]["completed"] or entry["status"]["status_str"] == "error"):
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)  # present once the prompt is done
+            if entry:
                 return entry
             time.sleep(0.2)
         raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s\n{self.tail()}")
@@ -146,6 +161,7 @@ def server(tmp_path_factory):
         d.mkdir()
     (dirs["custom_nodes"] / PACK_NAME).symlink_to(PACK_DIR, target_is_directory=True)
     models = _write_models(tmp / "models")
+    _write_input_image(dirs["input"] / "example.png")
     yaml = tmp / "extra_model_paths.yaml"
     yaml.write_text("wuerstchen_test:\n" + "".join(
         f"    {key}: {json.dumps(str(path))}\n"
@@ -294,7 +310,7 @@ def _tiny(prompt: dict) -> dict:
             if side in inputs and not isinstance(inputs[side], list):
                 inputs[side] = SIZE
         if "batch_size" in inputs and not isinstance(inputs["batch_size"], list):
-            inputs["batch_size"] = 1
+            inputs["batch_size"] = min(inputs["batch_size"], 2)
         if ct in ("WuerstchenStageCSampler", "WuerstchenStageBSampler"):
             inputs["steps"] = 3
     return prompt
@@ -303,9 +319,8 @@ def _tiny(prompt: dict) -> dict:
 @pytest.fixture(scope="module")
 def t2i(server, object_info):
     """The text-to-image example as an API prompt with the tiny models, and its first (successful) run."""
-    names = [n for n in _example_names() if "text" in n and "image" in n and "img2img" not in n]
-    assert names, f"no text-to-image example in example_workflows/: {_example_names()}"
-    prompt = _tiny(to_api(_example(names[0]), object_info))
+    assert T2I_EXAMPLE in _example_names(), f"no {T2I_EXAMPLE} in example_workflows/: {_example_names()}"
+    prompt = _tiny(to_api(_example(T2I_EXAMPLE), object_info))
     entry = server.run(prompt)
     return prompt, entry
 
@@ -386,6 +401,14 @@ def test_loaders_list_the_model_folders(object_info):
     assert {FILES["bigG"], FILES["H"]} <= set(options), options
 
 
+def test_model_folder_is_registered_with_extensions(server):
+    """GET /models/wuerstchen (model managers use it) filters by extension: the folder entry has an extension set."""
+    assert "wuerstchen" in server.get("/api/models")
+    listed = server.get("/api/models/wuerstchen")
+    assert {FILES[k] for k in ("prior", "decoder", "vqgan", "effnet")} <= set(listed), listed
+    assert "README.txt" not in listed, listed
+
+
 def test_text_to_image_example_runs_and_saves_an_image(server, t2i):
     prompt, entry = t2i
     msgs = messages(entry)
@@ -393,6 +416,8 @@ def test_text_to_image_example_runs_and_saves_an_image(server, t2i):
         f"{json.dumps(msgs.get('execution_error'), indent=1)[:4000]}\n{server.tail()}"
     files = _saved_images(server, entry)
     assert files, f"no image in the outputs: {entry['outputs']}"
+    # the empty latent node reports the size it used (ui.PreviewText)
+    assert entry["outputs"][_one(prompt, "WuerstchenEmptyLatent")] == {"text": [f"{SIZE}×{SIZE}"]}, entry["outputs"]
     from PIL import Image
     for f in files:
         assert f.is_file(), f"{f} was reported but not written"
@@ -400,10 +425,28 @@ def test_text_to_image_example_runs_and_saves_an_image(server, t2i):
             assert im.size == (SIZE, SIZE), im.size
 
 
+@pytest.mark.parametrize("name", [n for n in _example_names() if n != T2I_EXAMPLE])
+def test_example_workflow_runs(server, object_info, name):
+    prompt = _tiny(to_api(_example(name), object_info))
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", \
+        f"{json.dumps(messages(entry).get('execution_error'), indent=1)[:4000]}\n{server.tail()}"
+    batch = max([n["inputs"]["batch_size"] for n in prompt.values() if "batch_size" in n["inputs"]] or [1])
+    files = _saved_images(server, entry)
+    assert len(files) == batch, f"{len(files)} images saved, expected {batch}: {entry['outputs']}"
+    from PIL import Image
+    import numpy as np
+    pixels = [np.asarray(Image.open(f)) for f in files]
+    assert all(p.shape == (SIZE, SIZE, 3) for p in pixels), [p.shape for p in pixels]
+    if batch > 1:  # image i uses seed + i
+        assert not np.array_equal(pixels[0], pixels[1]), "the images of a batch are identical"
+
+
 def test_requeue_reuses_loaded_models(server, t2i):
     prompt, first = t2i
     assert first["status"]["status_str"] == "success"
-    # the same prompt again: everything comes from the cache
+    # the same prompt twice (other tests ran in between): the second comes from the cache entirely
+    server.run(prompt)
     again = server.run(prompt)
     assert again["status"]["status_str"] == "success"
     cached = set(messages(again)["execution_cached"]["nodes"])
@@ -539,5 +582,27 @@ def test_interrupt_stops_a_run(server, t2i):
     assert status == 200
     entry = server.wait(prompt_id, timeout=60)
     assert entry["status"]["status_str"] == "error", entry["status"]
-    assert "execution_interrupted" in messages(entry), entry["status"]["messages"]
+    interrupted = messages(entry).get("execution_interrupted")
+    assert interrupted, entry["status"]["messages"]
+    assert interrupted["node_type"] in ("WuerstchenStageCSampler", "WuerstchenStageBSampler"), interrupted
     assert server.proc.poll() is None
+
+
+def test_api_examples_match_the_ui_examples(object_info):
+    """example_workflows/api/*.json (for the CLI runner and scripts) say what ComfyUI makes of the UI files."""
+    api_dir = PACK_DIR / "example_workflows" / "api"
+    if not api_dir.is_dir():
+        pytest.skip("the pack ships no API-format examples")
+    for name in _example_names():
+        api = json.loads((api_dir / name).read_text())
+        strip = {i: {"class_type": n["class_type"], "inputs": n["inputs"]} for i, n in api.items()}
+        assert strip == to_api(_example(name), object_info), f"api/{name} differs from {name} as ComfyUI reads it"
+
+
+def test_new_model_files_are_listed_without_a_restart(server):
+    """The loaders' lists are rebuilt on each /object_info request (the frontend's refresh), subfolders included."""
+    sub = server.models["wuerstchen"] / "later"
+    sub.mkdir(exist_ok=True)
+    (sub / "added.safetensors").write_bytes((server.models["wuerstchen"] / FILES["prior"]).read_bytes())
+    info = server.get("/object_info/WuerstchenLoadPrior")["WuerstchenLoadPrior"]
+    assert "later/added.safetensors" in _combo_options(info["input"]["required"]["model_name"])

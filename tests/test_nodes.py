@@ -1,5 +1,10 @@
 """Every node's execute path without ComfyUI, with tiny random-weight models saved in a tmp models folder."""
 
+import ast
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -74,6 +79,27 @@ def test_specs_are_well_formed():
         assert optional == sorted(optional), f"{spec.node_id}: optional inputs must come last (ComfyUI's order)"
 
 
+def test_only_comfy_host_imports_comfyui_and_nothing_imports_diffusers():
+    pack = Path(__file__).resolve().parents[1]
+    for path in [pack / "__init__.py", *sorted((pack / "nodes").glob("*.py"))]:
+        tree = ast.parse(path.read_text())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+        assert "diffusers" not in names and "nodes" not in names, path  # the pack's nodes only relatively
+        if path.name not in ("comfy_host.py", "__init__.py"):
+            assert not names & {"comfy", "comfy_api", "folder_paths", "server"}, path
+
+
+def test_pack_root_is_inert_without_comfyui_and_not_imported_by_pytest():
+    root_init = Path(__file__).resolve().parents[1] / "__init__.py"
+    assert not any(Path(getattr(mod, "__file__", None) or "/").resolve() == root_init for mod in list(sys.modules.values()))
+    spec = importlib.util.spec_from_file_location("_wuerstchen_pack_root", root_init,
+                                                  submodule_search_locations=[str(root_init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert not hasattr(module, "comfy_entrypoint") and not hasattr(module, "NODE_CLASS_MAPPINGS")
+
+
 # ---------------------------------------------------------------------------------------------
 # model folders and loaders
 
@@ -104,7 +130,7 @@ def test_model_names_leaving_the_folders_are_refused(host, models_dir, name):
         loaders.LOAD_PRIOR.execute(host, name, "auto")
 
 
-def test_symlink_escaping_folder_is_refused_lexically_but_missing_file_is_clear(tmp_path):
+def test_missing_model_file_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="was not found"):
         resolve_model([str(tmp_path)], "nope.safetensors", "Stage C prior")
 

@@ -97,7 +97,8 @@ def test_stage_functions_match_reference_latents(models):
     text_c = ours["prior_text"]
     stage_c = pipeline.sample_stage_c(ours["prior"], text_c.encode([PROMPT]), text_c.encode([""]), height=HEIGHT,
                                       width=WIDTH, seeds=[3], steps=2, cfg=4.0)
-    torch.testing.assert_close(pipeline.stage_c_to_effnet(stage_c), embeddings, rtol=1e-4, atol=1e-4)
+    scale = embeddings.abs().max().item()  # embeddings are latents ×42: compare relative to their size
+    torch.testing.assert_close(pipeline.stage_c_to_effnet(stage_c), embeddings, rtol=0, atol=1e-5 * scale)
 
     expected = ref_decoder(image_embeddings=embeddings, prompt=PROMPT, num_inference_steps=2, guidance_scale=3.0,
                            generator=torch.Generator().manual_seed(5), output_type="latent").images
@@ -105,11 +106,12 @@ def test_stage_functions_match_reference_latents(models):
     latent = pipeline.sample_stage_b(ours["decoder"], (embeddings + 1) / 42, text_b.encode([PROMPT]),
                                      text_b.encode([""]), seeds=[5], steps=2, cfg=3.0)
     assert latent.shape == (1, 4, 64, 96)
-    torch.testing.assert_close(latent, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(latent, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
 def test_batch_equals_single_runs(models):
-    """Image i of a batch uses seed + i in each stage, and one prompt embedding is paired with every image."""
+    """Image i of a batch uses seed + i in each stage, and one prompt embedding is paired with every image.
+    Not bit-exact: fp32 kernels round differently for batch 2 and 1 (~1e-7 per forward), so ≤ 1e-4."""
     _, _, ours = models
     kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, width=WIDTH, height=HEIGHT, prior_steps=2, prior_cfg=4.0,
               decoder_steps=2, decoder_cfg=2.0)
@@ -117,5 +119,5 @@ def test_batch_equals_single_runs(models):
     singles = [pipeline.generate(**ours, **kw, seed=11 + i, decoder_seed=20 + i) for i in range(2)]
     assert batch.shape == (2, 3, HEIGHT, WIDTH)
     for i in range(2):
-        assert (batch[i] - singles[i][0]).abs().max().item() <= 1e-6
+        assert (batch[i] - singles[i][0]).abs().max().item() <= 1e-4
     assert (batch[0] - batch[1]).abs().max().item() > 0.05  # different seeds, different images

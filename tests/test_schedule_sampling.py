@@ -115,7 +115,20 @@ def test_ddpm_batch3_generator_list_bit_exact(timesteps):
     assert torch.equal(ours[1:2], alone)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bf16_models_get_float32_r():
+    # bf16 r would quantise r·10000 to steps of 16-64; the sampler keeps r in float32 for bf16 latents
+    seen = []
+
+    def eps_fn(x, r):
+        seen.append(r.dtype)
+        return torch.zeros_like(x)
+
+    x = torch.zeros(1, *SHAPE, dtype=torch.bfloat16)
+    sample(eps_fn, x, linear_timesteps(2), "ddim")
+    assert seen == [torch.float32, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16])
 def test_ddpm_reduced_precision_bit_exact(dtype):
     # model-dtype r for ᾱ_t, float32 r_prev, float32 step math, noise and result in the model dtype
     eps_fn = fake_eps_fn(dtype)

@@ -31,10 +31,6 @@ LATENT_MEAN, LATENT_STD = 42.0, 1.0  # prior space = (effnet + LATENT_STD) / LAT
 Callback = Callable[[int, int, Tensor, Tensor], None]
 
 
-class _NonFinite(Exception):
-    """Raised inside a stage as soon as the model produces NaN/inf, to stop a doomed run early."""
-
-
 # ---------------------------------------------------------------------------------------------
 # helpers
 
@@ -49,11 +45,17 @@ def image_seeds(seed: int, batch_size: int, batch_index: Sequence[int] | None = 
 
 def _place(module: nn.Module, device, dtype) -> tuple[torch.device, torch.dtype]:
     """Move/cast `module` to device/dtype when given (defaults: where it already is)."""
-    p = next(module.parameters())
+    p = compute_param(module)
     device, dtype = torch.device(device) if device is not None else p.device, dtype or p.dtype
     if (p.device, p.dtype) != (device, dtype):
         module.to(device, dtype)
     return device, dtype
+
+
+def compute_param(module: nn.Module) -> nn.Parameter:
+    """A parameter in the module's compute dtype (weights stored in fp8 are cast per call)."""
+    params = [p for p in module.parameters() if p.is_floating_point()]
+    return next((p for p in params if p.element_size() > 1), params[0])
 
 
 def _batched(t: Tensor, batch: int, what: str) -> Tensor:
@@ -65,10 +67,12 @@ def _batched(t: Tensor, batch: int, what: str) -> Tensor:
     raise StageMismatchError(f"{what} has batch {t.shape[0]} for {batch} images; expected 1 or {batch}.")
 
 
-def _batch_size(seeds, *tensors) -> int:
-    """Images in the batch: one per seed when seeds is a list, else the largest tensor batch."""
+def _batch_size(seeds, batch_index, *tensors) -> int:
+    """Images in the batch: one per seed (list) or batch index, else the largest tensor batch."""
     if not isinstance(seeds, int):
         return len(seeds)
+    if batch_index is not None:
+        return len(batch_index)
     return max((t.shape[0] for t in tensors if t is not None), default=1)
 
 
@@ -94,16 +98,6 @@ def _mask_to(mask: Tensor | None, x: Tensor) -> Tensor | None:
     return mask.clamp(0, 1).to(x.dtype)
 
 
-def _guarded(eps_fn):
-    """Stop sampling at the first non-finite model output."""
-    def guarded(x, r):
-        eps = eps_fn(x, r)
-        if not bool(torch.isfinite(eps).all()):
-            raise _NonFinite
-        return eps
-    return guarded
-
-
 def _fallback_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
@@ -117,14 +111,11 @@ def run_with_dtype_fallback(fn: Callable[[torch.dtype], Tensor], module: nn.Modu
     module cast to bfloat16 (float32 where bfloat16 is unsupported), then restore the module's float16
     weights exactly. A non-finite result in any other dtype raises a WuerstchenError.
     """
-    p = next(module.parameters())
+    p = compute_param(module)
     dtype = p.dtype
-    try:
-        out = fn(dtype)
-        if bool(torch.isfinite(out).all()):
-            return out
-    except _NonFinite:
-        pass
+    out = fn(dtype)  # checked once at the end: a per-step check would sync the host every step
+    if bool(torch.isfinite(out).all()):
+        return out
     if dtype != torch.float16:
         raise WuerstchenError(f"{stage} produced NaN/inf values in {dtype}; expected finite values "
                               "(the weights or the input latent are probably damaged).")
@@ -135,12 +126,10 @@ def run_with_dtype_fallback(fn: Callable[[torch.dtype], Tensor], module: nn.Modu
     module.to(fallback)
     try:
         out = fn(fallback)
-    except _NonFinite:
-        out = None
     finally:
         module.to(dtype)
         module.load_state_dict(saved)
-    if out is None or not bool(torch.isfinite(out).all()):
+    if not bool(torch.isfinite(out).all()):
         raise WuerstchenError(f"{stage} produced NaN/inf values in float16 and again in {fallback}; "
                               "expected finite values (the weights or the input latent are probably damaged).")
     return out
@@ -164,7 +153,7 @@ def sample_stage_c(prior: nn.Module, cond: Tensor, uncond: Tensor | None = None,
     (image i gets seeds + batch_index[i]). Guidance is on when cfg > 1 and then needs `uncond`.
     """
     device, dtype = _place(prior, device, dtype)
-    batch = _batch_size(seeds, latent, cond)
+    batch = _batch_size(seeds, batch_index, latent, cond)
     seed_list = _seed_list(seeds, batch, batch_index)
     if latent is None:
         if height is None or width is None:
@@ -196,7 +185,7 @@ def sample_stage_c(prior: nn.Module, cond: Tensor, uncond: Tensor | None = None,
         x0 = None if latent is None else latent.to(device, dt)
         if x0 is not None:
             x = noise_to(x0, float(ts[0]), x)
-        return sample(_guarded(eps_fn), x, ts, sampler, noise=noise, x0_source=x0,
+        return sample(eps_fn, x, ts, sampler, noise=noise, x0_source=x0,
                       mask=_mask_to(mask, x), callback=callback)
 
     return run_with_dtype_fallback(run, prior, "Stage C (prior)")
@@ -223,7 +212,7 @@ def sample_stage_b(decoder: nn.Module, stage_c_latent: Tensor, cond: Tensor, unc
     if stage_c_latent.ndim != 4 or stage_c_latent.shape[1] != decoder.cfg.effnet_embd:
         raise StageMismatchError(f"Stage B got a Stage C latent of shape {tuple(stage_c_latent.shape)}; expected "
                                  f"[batch, {decoder.cfg.effnet_embd}, h, w].")
-    batch = _batch_size(seeds, latent, stage_c_latent, cond)
+    batch = _batch_size(seeds, batch_index, latent, stage_c_latent, cond)
     seed_list = _seed_list(seeds, batch, batch_index)
     if latent is None:
         shape = (batch, decoder.cfg.c_in, *stage_b_grid(*stage_c_latent.shape[-2:]))
@@ -253,7 +242,7 @@ def sample_stage_b(decoder: nn.Module, stage_c_latent: Tensor, cond: Tensor, unc
         x0 = None if latent is None else latent.to(device, dt)
         if x0 is not None:
             x = noise_to(x0, float(ts[0]), x)
-        return sample(_guarded(eps_fn), x, ts, sampler, noise=noise, x0_source=x0,
+        return sample(eps_fn, x, ts, sampler, noise=noise, x0_source=x0,
                       mask=_mask_to(mask, x), callback=callback)
 
     return run_with_dtype_fallback(run, decoder, "Stage B (decoder)")
@@ -267,14 +256,18 @@ def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return [round(i * (size - tile) / (n - 1)) for i in range(n)]
 
 
-def _ramp(n: int, ramp: int, up: bool, down: bool, device) -> Tensor:
-    """Blend weights along one tile side: linear ramps at edges that meet another tile, 1 elsewhere."""
+def _ramp(n: int, overlap: int, up: bool, down: bool, device) -> Tensor:
+    """Blend weights along one tile side. At an edge shared with another tile the outer quarter of the
+    overlap gets weight 0 (those pixels see the tile's replication padding instead of the neighbour),
+    the middle half ramps linearly to 1; edges on the image border keep weight 1."""
+    margin = overlap // 4
     i = torch.arange(n, device=device, dtype=torch.float32) + 0.5
     w = torch.ones(n, device=device)
+    span = max(overlap - 2 * margin, 1)
     if up:
-        w = torch.minimum(w, i / ramp)
+        w = torch.minimum(w, ((i - margin) / span).clamp(0, 1))
     if down:
-        w = torch.minimum(w, (n - i) / ramp)
+        w = torch.minimum(w, ((n - i - margin) / span).clamp(0, 1))
     return w
 
 
@@ -305,8 +298,9 @@ def decode_stage_a(vqgan: nn.Module, latent: Tensor, tile: int | None = None, ov
     """Stage B latent [B,4,h,w] -> float32 image [B,3,4h,4w] clamped to 0..1 (×0.3764 is inside decode).
 
     tile: decode latent tiles of at most tile×tile (e.g. 128 for a 2048 px image), overlapping by
-    `overlap` latent px (default tile // 4) and blended linearly, so memory stays bounded. A tile that
-    covers the whole latent decodes in one piece, exactly like tile=None.
+    `overlap` latent px (default tile // 4) and blended linearly, so memory stays bounded. The tiles'
+    outer overlap quarter is discarded, so an overlap of 4× the VQGAN's receptive radius (≈ 14 latent px
+    for the public one) makes the seams invisible. A tile covering the whole latent decodes in one piece.
     """
     device, dtype = _place(vqgan, device, dtype)
     if latent.ndim != 4 or latent.shape[1] != vqgan.cfg.latent_channels:

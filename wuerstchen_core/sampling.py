@@ -120,9 +120,12 @@ def sample(eps_fn: Denoiser, x: torch.Tensor, timesteps, sampler: str = "ddpm", 
     if mask is not None:
         mask, x0_source = mask.to(device, dtype), x0_source.to(device, dtype)
 
-    # r handed to the model: the timestep expanded to the batch and cast to the latent dtype
+    # r handed to the model: the timestep expanded to the batch and cast to the latent dtype, as the
+    # reference does (exact in fp16). bf16 keeps r in float32: its 8-bit mantissa would put r·10000
+    # on steps of 16-64 and visibly shift the r embedding.
     ts_dev = ts.to(device)
-    r_model = [ts_dev[i].expand(batch).to(dtype) for i in range(steps)]
+    r_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    r_model = [ts_dev[i].expand(batch).to(r_dtype) for i in range(steps)]
     if sampler == "ddpm":
         # per-step coefficients of the reference step, computed on the device before the loop:
         # ᾱ_t from the model-dtype r, ᾱ_prev from the float32 list

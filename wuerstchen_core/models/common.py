@@ -3,6 +3,10 @@ FiLM-like timestep conditioning, self+cross attention) and the r (timestep) embe
 
 Module and parameter names follow the diffusers checkpoints, so state dicts load unchanged.
 Dropout slots of the reference Sequentials are kept as nn.Identity so the indices still match.
+
+Layout: the networks keep their NCHW maps in channels_last memory, so the NHWC views that LayerNorm
+and the channelwise Linears work on (x.permute(0, 2, 3, 1)) are contiguous and no block copies
+its input between layouts. The blocks accept either layout; only speed depends on it.
 """
 
 import math
@@ -42,7 +46,7 @@ def state_shape(sd: dict, key: str, component: str) -> tuple[int, ...]:
 
 
 class LayerNorm2d(nn.Module):
-    """Non-affine LayerNorm over the channels of an NCHW tensor."""
+    """Non-affine LayerNorm over the channels of an NCHW tensor (copy-free when channels_last)."""
 
     def forward(self, x):
         return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=LN_EPS).permute(0, 3, 1, 2)
@@ -59,7 +63,7 @@ class GlobalResponseNorm(nn.Module):
     def forward(self, x):
         g = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # [B,1,1,C]
         n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
-        return self.gamma * (x * n) + self.beta + x
+        return torch.addcmul(self.beta, x, self.gamma * n + 1)  # gamma * (x * n) + beta + x, one pass
 
 
 def channelwise_mlp(c_in, c):
@@ -77,7 +81,7 @@ class TimestepBlock(nn.Module):
 
     def forward(self, x, r_embed):
         a, b = self.mapper(r_embed)[:, :, None, None].chunk(2, dim=1)
-        return x * (1 + a) + b
+        return torch.addcmul(b, x, 1 + a)
 
 
 class ResBlock(nn.Module):
@@ -98,19 +102,35 @@ class ResBlock(nn.Module):
 
 
 class ResBlockStageB(nn.Module):
-    """Decoder residual block: the skip (U-Net and/or effnet features) is concatenated after
-    depthwise conv + LN, so it only enters the first Linear."""
+    """Decoder residual block: the skips (U-Net encoder map, then the mapped effnet features) are
+    concatenated after depthwise conv + LN, so they only enter the first Linear."""
 
     def __init__(self, c, c_skip=0, kernel_size=3):
         super().__init__()
         self.depthwise = nn.Conv2d(c, c, kernel_size, padding=kernel_size // 2, groups=c)
         self.channelwise = channelwise_mlp(c + c_skip, c)
 
-    def forward(self, x, *skips):  # skips: NCHW maps, concatenated in the given order
+    def forward(self, x, skip=None, effnet=None):
+        """x, skip: [B,C,H,W] maps. effnet: (features [B,H,W,e] NHWC, mapper Conv2d(e->c_eff, 1x1)) or None.
+
+        The reference maps the effnet features to c_eff channels and feeds them to the first Linear.
+        Both are linear per pixel, so here the e-channel features go through the product of the two
+        weights instead: e·(W_eff·M)ᵀ + (b + W_eff·m), and the c_eff-wide map is never formed."""
         h = F.layer_norm(self.depthwise(x).permute(0, 2, 3, 1), x.shape[1:2], eps=LN_EPS)  # NHWC
-        if skips:
-            h = torch.cat([h, *(s.permute(0, 2, 3, 1) for s in skips)], dim=-1)
-        return x + self.channelwise(h).permute(0, 3, 1, 2)
+        if skip is not None:
+            h = torch.cat([h, skip.permute(0, 2, 3, 1)], dim=-1)
+        linear, gelu, grn, _, out = self.channelwise
+        if effnet is None:
+            h = linear(h)
+        else:
+            e, mapper = effnet
+            w = linear.weight.to(h.dtype)
+            w_eff = linear.weight[:, h.shape[-1]:].float()
+            w_fused = (w_eff @ mapper.weight.flatten(1).float()).to(h.dtype)  # [4c, e]
+            bias = (linear.bias.float() + w_eff @ mapper.bias.float()).to(h.dtype)
+            y = F.linear(e.flatten(0, 2), w_fused, bias).addmm_(h.flatten(0, 2), w[:, : h.shape[-1]].t())
+            h = y.view(*h.shape[:-1], -1)
+        return x + out(grn(gelu(h))).permute(0, 3, 1, 2)
 
 
 class Attention(nn.Module):

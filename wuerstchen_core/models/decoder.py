@@ -4,6 +4,7 @@ Stage C EfficientNet map (resized + 1x1-mapped into the ResBlocks) and on CLIP-H
 import re
 from dataclasses import dataclass, fields
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -99,6 +100,8 @@ class DecoderConfig:
 
 
 class WuerstchenDecoder(nn.Module):
+    """Stage B U-Net; predicts eps through (x - a) / (sigmoid(b) * 0.998 + 0.001)."""
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
@@ -115,7 +118,7 @@ class WuerstchenDecoder(nn.Module):
             for _ in range(cfg.blocks[i]):
                 for kind in cfg.level_config[i]:
                     if kind == "C":
-                        out.append(ResBlockStageB(ch[i], c_skip_first * first + c_effnet, cfg.kernel_size))
+                        out.append(ResBlockStageB(ch[i], (c_skip_first if first else 0) + c_effnet, cfg.kernel_size))
                         first = False
                     elif kind == "T":
                         out.append(TimestepBlock(ch[i], cfg.c_r))
@@ -142,25 +145,25 @@ class WuerstchenDecoder(nn.Module):
 
         r is embedded in its own dtype (see WuerstchenPrior.forward) and the embedding cast to the
         model dtype; effnet may be float32 (it is resized in float32 and cast to the model dtype)."""
-        dtype = self.clip_mapper.weight.dtype
+        dtype = self.embedding[1].weight.dtype  # a conv: never fp8-stored
         r_embed = r_embedding(r, self.cfg.c_r).to(dtype)
         clip = F.layer_norm(self.clip_mapper(clip), (self.cfg.c_cond,), eps=LN_EPS)
-        resized = {}  # effnet resized once per spatial size, shared by the down and up mappers
+        resized = {}  # effnet resized once per spatial size (NHWC), shared by the down and up levels
 
-        def effnet_cond(index, h):
+        def effnet_cond(index, h):  # (features, mapper) for the level's ResBlocks, which apply the mapper
             mapper = self.effnet_mappers[index]
             if mapper is None:
-                return ()
+                return None
             size = tuple(h.shape[-2:])
             if size not in resized:
                 resized[size] = F.interpolate(effnet.float(), size=size, mode="bicubic", antialias=True,
-                                              align_corners=True).to(dtype)
-            return (mapper(resized[size]),)
+                                              align_corners=True).to(dtype).permute(0, 2, 3, 1).contiguous()
+            return resized[size], mapper
 
-        def run(blocks, h, first_skips, skips):
+        def run(blocks, h, encoder_skip, effnet_skip):  # the encoder map feeds only the level's first ResBlock
             for block in blocks:
                 if isinstance(block, ResBlockStageB):
-                    h, first_skips = block(h, *first_skips, *skips), ()
+                    h, encoder_skip = block(h, encoder_skip, effnet_skip), None
                 elif isinstance(block, TimestepBlock):
                     h = block(h, r_embed)
                 elif isinstance(block, AttnBlock):
@@ -170,14 +173,14 @@ class WuerstchenDecoder(nn.Module):
             return h
 
         n = len(self.down_blocks)
-        h, encoder_outs = self.embedding(x), []
+        h, encoder_outs = self.embedding(x.contiguous(memory_format=torch.channels_last)), []
         for i, level in enumerate(self.down_blocks):
             blocks = iter(level)
             if i:
                 h = next(blocks)(h)  # down-sampler
-            h = run(blocks, h, (), effnet_cond(i, h))
+            h = run(blocks, h, None, effnet_cond(i, h))
             encoder_outs.insert(0, h)  # deepest first
         for u, level in enumerate(self.up_blocks):
-            h = run(level, h, (encoder_outs[u],) if u else (), effnet_cond(n + u, h))
-        a, b = self.clf(h).chunk(2, dim=1)
+            h = run(level, h, encoder_outs[u] if u else None, effnet_cond(n + u, h))
+        a, b = self.clf(h).contiguous().chunk(2, dim=1)
         return (x - a) / (b.sigmoid() * (1 - 2e-3) + 1e-3)

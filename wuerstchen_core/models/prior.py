@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, fields
 
+import torch
 from torch import nn
 
 from ..errors import CheckpointError
@@ -46,6 +47,9 @@ class PriorConfig:
 
 
 class WuerstchenPrior(nn.Module):
+    """Stage C: depth x (ResBlock, TimestepBlock, AttnBlock) at the latent resolution; predicts eps
+    through (x - a) / (|1 - b| + 1e-5)."""
+
     def __init__(self, cfg: PriorConfig):
         super().__init__()
         self.cfg = cfg
@@ -63,11 +67,11 @@ class WuerstchenPrior(nn.Module):
 
         The r embedding is computed in r's own dtype and then cast to the model dtype: a float32 r
         gives the original (autocast) behaviour, r in the model's fp16 reproduces diffusers."""
-        h = self.projection(x)
+        h = self.projection(x.contiguous(memory_format=torch.channels_last))  # see common.py: Layout
         cond = self.cond_mapper(clip)
         r_embed = r_embedding(r, self.cfg.c_r).to(h.dtype)
         blocks = iter(self.blocks)
         for res, film, attn in zip(blocks, blocks, blocks):
             h = attn(film(res(h), r_embed), cond)
-        a, b = self.out(h).chunk(2, dim=1)
+        a, b = self.out(h).contiguous().chunk(2, dim=1)
         return (x - a) / ((1 - b).abs() + 1e-5)

@@ -63,12 +63,14 @@ class MixingResidualBlock(nn.Module):
         self.channelwise = nn.Sequential(nn.Linear(c, c * 4), nn.GELU(), nn.Linear(c * 4, c))
         self.gammas = nn.Parameter(torch.zeros(6))
 
-    def forward(self, x):
-        g = self.gammas
-        h = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=LN_EPS) * (1 + g[0]) + g[1]  # NHWC
-        x = x + self.depthwise(h.permute(0, 3, 1, 2)) * g[2]
-        h = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=LN_EPS) * (1 + g[3]) + g[4]
-        return x + self.channelwise(h).permute(0, 3, 1, 2) * g[5]
+    def forward(self, x):  # x [B,C,H,W], copy-free in channels_last memory
+        g, c = self.gammas, x.shape[1:2]
+
+        def norm(x, scale, shift):  # LN(x) * (1 + scale) + shift as the LN's own affine, on NHWC
+            return F.layer_norm(x.permute(0, 2, 3, 1), c, (1 + scale).expand(c), shift.expand(c), eps=LN_EPS)
+
+        x = torch.addcmul(x, self.depthwise(norm(x, g[0], g[1]).permute(0, 3, 1, 2)), g[2])
+        return torch.addcmul(x, self.channelwise(norm(x, g[3], g[4])).permute(0, 3, 1, 2), g[5])
 
 
 class PaellaVQGAN(nn.Module):
@@ -101,8 +103,10 @@ class PaellaVQGAN(nn.Module):
 
     def encode(self, img):
         """img [B,3,H,W] in [0,1] -> Stage B latent [B,latent_channels,H/4,W/4] (unquantised)."""
-        return self.down_blocks(self.in_block(img)) / self.cfg.scale_factor
+        h = self.in_block(img.contiguous(memory_format=torch.channels_last))  # see MixingResidualBlock
+        return self.down_blocks(h).contiguous() / self.cfg.scale_factor
 
     def decode(self, latent):
         """Stage B latent -> image, roughly in [0,1] but not clamped (the caller clamps)."""
-        return self.out_block(self.up_blocks(latent * self.cfg.scale_factor))
+        h = (latent * self.cfg.scale_factor).contiguous(memory_format=torch.channels_last)
+        return self.out_block(self.up_blocks(h)).contiguous()

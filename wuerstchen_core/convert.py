@@ -44,6 +44,10 @@ def convert(input_path, output, kinds=None, dtype: str = "fp16", overwrite: bool
         raise CheckpointError(f"Conversion dtype '{dtype}' is not supported; expected one of {', '.join(DTYPES)}.")
     found = {i.kind: i for i in identify_path(input_path)}
     wanted = list(kinds) if kinds is not None else [k for k in KINDS if k in found]
+    if not wanted:
+        raise CheckpointError(f"{Path(input_path).name} holds no Würstchen v2 component "
+                              f"({', '.join(i.description for i in found.values()) or 'no tensors'}); expected a prior, "
+                              "decoder, VQGAN, EfficientNet or text encoder to convert.")
     if unknown := [k for k in wanted if k not in KINDS]:
         raise ValueError(f"kinds must be among {KINDS}, got {unknown}")
     if missing := [k for k in wanted if k not in found]:

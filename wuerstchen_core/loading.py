@@ -171,13 +171,13 @@ def _torch_load(path: Path):
     except pickle.UnpicklingError as e:
         # a rejected zip payload or GLOBAL is a refusal; other bytes that fail to unpickle are corruption
         if not (zipfile.is_zipfile(path) or "GLOBAL" in str(e)):
-            raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]}).") from None
+            raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint ({(str(e).splitlines() or [type(e).__name__])[0]}).") from None
         raise UnsafeCheckpointError(
             f"{path.name} is a pickle that contains code or objects other than tensors, so it was not loaded; "
             "use a .safetensors file or a plain state dict saved with torch.save."
         ) from None
     except Exception as e:  # truncated zip, not a torch file, ...
-        raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]}).") from None
+        raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint ({(str(e).splitlines() or [type(e).__name__])[0]}).") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path.name} holds a {type(obj).__name__}; expected a dict of tensors.")
     return obj

@@ -157,3 +157,27 @@ def test_convert_subcommand(capsys, repos, tmp_path):
     code, _, err = _main(capsys, "convert", str(repos[0]), str(tmp_path / "converted"), "--dtype", "fp32")
     _one_line_error(code, err)  # existing outputs are kept without --overwrite
     assert "--overwrite" in err
+
+
+@pytest.mark.parametrize("flag", ["--low-vram", "--fp8"])
+def test_low_vram_and_fp8_write_a_valid_png(capsys, repos, tmp_path, flag):
+    out = tmp_path / f"{flag[2:]}.png"
+    code, stdout, err = _main(capsys, "generate", "--prior", str(repos[0]), "--decoder", str(repos[1]),
+                              "--prompt", "a cat", "--width", "256", "--height", "384", "--seed", "1",
+                              "--prior-steps", "2", "--decoder-steps", "1", "--device", "cpu", "--output", str(out),
+                              flag)
+    assert code == 0, err
+    assert stdout.split() == [str(out)]
+    image = Image.open(out)
+    assert image.size == (256, 384) and image.mode == "RGB"
+    assert json.loads(image.text["wuerstchen"])["fp8"] is (flag == "--fp8")
+    assert len(set(image.getdata())) > 1  # a picture, not one flat colour from NaNs
+
+
+def test_speed_flags_parse_and_fast_is_documented():
+    args = cli.build_parser().parse_args(["generate", "--prompt", "x", "--fast", "--low-vram", "--fp8"])
+    assert args.fast and args.low_vram and args.fp8
+    args = cli.build_parser().parse_args(["generate", "--prompt", "x"])
+    assert not (args.fast or args.low_vram or args.fp8)
+    generate = cli.build_parser()._subparsers._group_actions[0].choices["generate"]
+    assert "about a minute" in " ".join(generate.format_help().split())

@@ -5,6 +5,7 @@ traceback. Progress goes to stderr when it is a terminal; written file names go 
 """
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -68,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 (fp16 without bf16 support) on CUDA, fp32 on CPU")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--tile", type=_positive, help="decode Stage A in latent tiles of this size (e.g. 128 above 2048 px)")
+    g.add_argument("--fast", action="store_true",
+                   help="compile Stage B and C (torch.compile; CUDA graphs on a GPU): the first run compiles for "
+                        "about a minute on a GPU, and each new size or batch compiles again")
+    g.add_argument("--low-vram", action="store_true",
+                   help="keep every model on the CPU and move each stage (text encoders too) to the device only "
+                        "while it runs")
+    g.add_argument("--fp8", action="store_true",
+                   help="store the Stage B/C Linear weights in float8 (about half the memory of fp16); "
+                        "they compute in --dtype")
     g.add_argument("--output", default="wuerstchen.png", help="PNG file; batches write FILE_00.png, FILE_01.png, ...")
 
     c = sub.add_parser("convert", help="any supported checkpoint -> compact .safetensors per component")
@@ -174,44 +184,77 @@ def generate(args) -> int:
         if path is not None and not Path(path).expanduser().exists():
             raise UsageError(f"{option} {path} does not exist; expected a file or folder.")
 
-    from . import loading, pipeline
+    from . import loading, performance
 
     device, dtype = _device_and_dtype(args)
+    home = "cpu" if args.low_vram else device  # where the models wait between stages
     progress = _Progress()
-    progress.note(f"loading models ({dtype} on {device})")
-    prior = loading.load_prior(args.prior, dtype, device)
+    progress.note(f"loading models ({dtype} on {device}{', offloaded to the CPU' if args.low_vram else ''})")
+    prior = loading.load_prior(args.prior, dtype, home)
     prior_text = loading.load_text_encoder(
         _part(args.prior_text_encoder, args.prior, "--prior-text-encoder", "the CLIP bigG text encoder"),
-        "bigG", dtype, device)
-    decoder = loading.load_decoder(args.decoder, dtype, device)
+        "bigG", dtype, home)
+    decoder = loading.load_decoder(args.decoder, dtype, home)
     decoder_text = loading.load_text_encoder(
         _part(args.decoder_text_encoder, args.decoder, "--decoder-text-encoder", "the CLIP H text encoder"),
-        "H", dtype, device)
-    vqgan = loading.load_vqgan(_part(args.vqgan, args.decoder, "--vqgan", "the Stage A VQGAN"), dtype, device)
+        "H", dtype, home)
+    vqgan = loading.load_vqgan(_part(args.vqgan, args.decoder, "--vqgan", "the Stage A VQGAN"), dtype, home)
+    if args.fp8:
+        prior, decoder = map(performance.store_linear_weights_in_fp8, (prior, decoder))
+    if args.fast:
+        prior, decoder = (performance.compile_model(m, cuda_graphs=device == "cuda") for m in (prior, decoder))
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     decoder_seed = seed if args.decoder_seed is None else args.decoder_seed
     settings = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "width", "height", "prior_steps",
-                                              "prior_cfg", "decoder_steps", "decoder_cfg", "sampler", "denoise")}
+                                              "prior_cfg", "decoder_steps", "decoder_cfg", "sampler", "denoise",
+                                              "fp8")}
     settings |= {"dtype": dtype, "seed": seed, "decoder_seed": decoder_seed,
                  "models": {"prior": args.prior, "decoder": args.decoder}}
     if args.image is None:
         settings.pop("denoise")
-        images = pipeline.generate(
-            prior, decoder, vqgan, prior_text, decoder_text, args.prompt, args.negative_prompt, width=args.width,
-            height=args.height, batch=args.batch, seed=seed, decoder_seed=decoder_seed, prior_steps=args.prior_steps,
-            prior_cfg=args.prior_cfg, decoder_steps=args.decoder_steps, decoder_cfg=args.decoder_cfg,
-            sampler=args.sampler, tile=args.tile, progress=progress)
     else:
         settings["image"] = args.image
-        images = _img2img(args, prior, decoder, vqgan, prior_text, decoder_text, seed, decoder_seed, device, progress)
+    images = _sample(args, prior, decoder, vqgan, prior_text, decoder_text, seed, decoder_seed, device, progress)
     for i, (image, path) in enumerate(zip(images, outputs)):
         _save_png(image, path, settings | {"seed": seed + i, "decoder_seed": decoder_seed + i})
         print(path)
     return 0
 
 
-def _img2img(args, prior, decoder, vqgan, prior_text, decoder_text, seed, decoder_seed, device, progress):
-    """Stage C from an image encoded by the EfficientNet, then Stage B and Stage A as usual."""
+def _sample(args, prior, decoder, vqgan, prior_text, decoder_text, seed, decoder_seed, device, progress):
+    """Stage C (from noise, or from --image encoded by the EfficientNet), then Stage B and Stage A.
+    With --low-vram each model visits the device only for its own stage."""
+    from . import pipeline
+    from .performance import on_device
+
+    def stage(model):
+        return on_device(model, device) if args.low_vram else contextlib.nullcontext(model)
+
+    def embed(text, guided):
+        with stage(text.model):
+            return text.encode([args.prompt]), text.encode([args.negative_prompt]) if guided else None
+
+    report = {s: (lambda i, n, x, x0, s=s: progress(s, i + 1, n)) for s in ("Stage C", "Stage B")}
+    latent = None if args.image is None else _encode_image(args, device, stage)
+    c_cond, c_uncond = embed(prior_text, args.prior_cfg > 1)
+    with stage(prior):
+        c = pipeline.sample_stage_c(
+            prior, c_cond, c_uncond, latent=latent, height=args.height, width=args.width,
+            seeds=pipeline.image_seeds(seed, args.batch), steps=args.prior_steps, cfg=args.prior_cfg,
+            sampler=args.sampler, denoise=1.0 if latent is None else args.denoise, callback=report["Stage C"])
+    b_cond, b_uncond = embed(decoder_text, args.decoder_cfg > 1)
+    with stage(decoder):
+        b = pipeline.sample_stage_b(
+            decoder, c, b_cond, b_uncond, seeds=pipeline.image_seeds(decoder_seed, args.batch),
+            steps=args.decoder_steps, cfg=args.decoder_cfg, sampler=args.sampler, callback=report["Stage B"])
+    with stage(vqgan):
+        images = pipeline.decode_stage_a(vqgan, b, tile=args.tile)
+    progress("Stage A", 1, 1)
+    return images
+
+
+def _encode_image(args, device, stage):
+    """--image -> Stage C latent through the EfficientNet encoder (img2img)."""
     import numpy as np
     import torch
     from PIL import Image, UnidentifiedImageError
@@ -226,19 +269,9 @@ def _img2img(args, prior, decoder, vqgan, prior_text, decoder_text, seed, decode
     if note:
         warnings.warn(note)
     image = torch.from_numpy(pixels).permute(2, 0, 1)[None].expand(args.batch, -1, -1, -1)
-    effnet = loading.load_effnet(args.effnet, "fp32", device)
-    latent = pipeline.encode_stage_c(effnet, image, width, height)
-    report = {s: (lambda i, n, x, x0, s=s: progress(s, i + 1, n)) for s in ("Stage C", "Stage B")}
-    guided_c, guided_b = args.prior_cfg > 1, args.decoder_cfg > 1
-    c = pipeline.sample_stage_c(
-        prior, prior_text.encode([args.prompt]), prior_text.encode([args.negative_prompt]) if guided_c else None,
-        latent=latent, seeds=pipeline.image_seeds(seed, args.batch), steps=args.prior_steps, cfg=args.prior_cfg,
-        sampler=args.sampler, denoise=args.denoise, callback=report["Stage C"])
-    b = pipeline.sample_stage_b(
-        decoder, c, decoder_text.encode([args.prompt]), decoder_text.encode([args.negative_prompt]) if guided_b else None,
-        seeds=pipeline.image_seeds(decoder_seed, args.batch), steps=args.decoder_steps, cfg=args.decoder_cfg,
-        sampler=args.sampler, callback=report["Stage B"])
-    return pipeline.decode_stage_a(vqgan, b, tile=args.tile)
+    effnet = loading.load_effnet(args.effnet, "fp32", "cpu" if args.low_vram else device)
+    with stage(effnet):
+        return pipeline.encode_stage_c(effnet, image, width, height)
 
 
 # ---------------------------------------------------------------------------------------------

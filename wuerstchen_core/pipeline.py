@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import memory
 from .errors import SizeError, StageMismatchError, WuerstchenError
 from .models.effnet import encode_stage_c
 from .sampling import NoiseSource, cfg_denoiser, generators_for_seeds, noise_to, sample
 from .schedule import check_timesteps, linear_timesteps, stage_c_preset, truncate_for_denoise
-from .sizes import check_stage_b_grid, snap_size, stage_b_grid, stage_c_grid
+from .sizes import check_stage_b_grid, image_size_for_stage_c, snap_size, stage_b_grid, stage_c_grid
 
 __all__ = ["decode_stage_a", "encode_stage_a", "encode_stage_c", "generate", "image_seeds",
            "run_with_dtype_fallback", "sample_stage_b", "sample_stage_c", "stage_c_to_effnet"]
@@ -102,6 +103,17 @@ def _fallback_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if device.type == "cpu" else torch.float32
+
+
+def _checked_run(run, model: nn.Module, stage: str, batch: int, height: int, width: int, guided: bool,
+                 tile, device, dtype) -> Tensor:
+    """Run a stage after checking its estimated memory need against the device's free memory (CUDA
+    only), turning a real out-of-memory error into a clear message that names what would fit."""
+    need = memory.estimate(stage, model, batch=batch, height=height, width=width, guided=guided, tile=tile,
+                           device=device, dtype=dtype)
+    memory.check_fits(stage, need, device)
+    with memory.translate_oom(stage, need, device):
+        return run_with_dtype_fallback(run, model, memory.STAGES[stage])
 
 
 def run_with_dtype_fallback(fn: Callable[[torch.dtype], Tensor], module: nn.Module, stage: str) -> Tensor:
@@ -188,7 +200,8 @@ def sample_stage_c(prior: nn.Module, cond: Tensor, uncond: Tensor | None = None,
         return sample(eps_fn, x, ts, sampler, noise=noise, x0_source=x0,
                       mask=_mask_to(mask, x), callback=callback)
 
-    return run_with_dtype_fallback(run, prior, "Stage C (prior)")
+    h, w = image_size_for_stage_c(*shape[-2:])
+    return _checked_run(run, prior, "prior", shape[0], h, w, cfg > 1, None, device, dtype)
 
 
 def stage_c_to_effnet(latent: Tensor) -> Tensor:
@@ -245,7 +258,8 @@ def sample_stage_b(decoder: nn.Module, stage_c_latent: Tensor, cond: Tensor, unc
         return sample(eps_fn, x, ts, sampler, noise=noise, x0_source=x0,
                       mask=_mask_to(mask, x), callback=callback)
 
-    return run_with_dtype_fallback(run, decoder, "Stage B (decoder)")
+    h, w = 4 * shape[-2], 4 * shape[-1]
+    return _checked_run(run, decoder, "decoder", shape[0], h, w, cfg > 1, None, device, dtype)
 
 
 def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -315,11 +329,15 @@ def decode_stage_a(vqgan: nn.Module, latent: Tensor, tile: int | None = None, ov
 
     def run(dt):
         z = latent.to(dt)
-        if tile is None or (tile >= z.shape[-2] and tile >= z.shape[-1]):
-            return vqgan.decode(z).float()
-        return _decode_tiled(vqgan, z, tile, overlap)
+        # cuDNN's default ConvTranspose2d algorithms are not run-to-run deterministic on CUDA
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=False, deterministic=True,
+                                        allow_tf32=torch.backends.cudnn.allow_tf32):
+            if tile is None or (tile >= z.shape[-2] and tile >= z.shape[-1]):
+                return vqgan.decode(z).float()
+            return _decode_tiled(vqgan, z, tile, overlap)
 
-    return run_with_dtype_fallback(run, vqgan, "Stage A (VQGAN decode)").clamp(0, 1)
+    b, _, h, w = latent.shape
+    return _checked_run(run, vqgan, "vqgan", b, 4 * h, 4 * w, False, tile, device, dtype).clamp(0, 1)
 
 
 @torch.no_grad()

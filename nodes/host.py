@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from wuerstchen_core.errors import CheckpointError
+from wuerstchen_core.pipeline import compute_param
 
 # Which model folders each loader lists: our own `wuerstchen` folder first, then the standard
 # ComfyUI folders where such files already live (ComfyUI maps unet -> diffusion_models, clip -> text_encoders).
@@ -40,7 +41,7 @@ class LoadedModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.module.parameters()).dtype
+        return compute_param(self.module).dtype  # not the fp8 storage dtype of Linear weights
 
 
 def _is_diffusers_dir(path: str) -> bool:

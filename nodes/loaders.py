@@ -1,11 +1,12 @@
 """Loader nodes: one per component, listing `models/wuerstchen` plus the standard ComfyUI folders."""
 
 from wuerstchen_core import loading
+from wuerstchen_core.performance import store_linear_weights_in_fp8
 
 from .spec import DECODER, EFFNET, PRIOR, TEXT_ENCODER, VQGAN, Input, NodeSpec, Output
 
-# fp8 storage is not offered: wuerstchen_core builds plain torch layers, which cannot compute from fp8 weights.
 DTYPES = ("auto", "fp16", "bf16", "fp32")
+FP8 = "fp8_e4m3fn"  # Stage B/C only: Linear weights stored in float8, computed in the auto dtype
 TOWERS = {"bigG (Stage C)": "bigG", "H (Stage B)": "H"}
 
 _CORE_LOADERS = {"prior": loading.load_prior, "decoder": loading.load_decoder,
@@ -16,15 +17,22 @@ def _names(kind):
     return lambda host: host.list_models(kind)
 
 
-def _dtype_input():
+def _dtype_input(fp8=False):
     return Input("weight_dtype", "COMBO", "Storage dtype of the weights; auto picks what the device supports "
-                 "(fp32 on CPU, bf16 or fp16 on GPUs).", default="auto", options=DTYPES)
+                 "(fp32 on CPU, bf16 or fp16 on GPUs)." + (f" {FP8} stores the Linear weights in float8 (half "
+                 "the memory of fp16) and computes in the auto dtype." if fp8 else ""),
+                 default="auto", options=DTYPES + ((FP8,) if fp8 else ()))
 
 
 def _loader(kind, what, out_type, folders):
+    fp8 = kind in ("prior", "decoder")
+
     def execute(host, model_name, weight_dtype):
         path = host.resolve_model(kind, model_name, what)
-        module = _CORE_LOADERS[kind](path, dtype=host.weight_dtype(kind, weight_dtype))
+        choice = "auto" if weight_dtype == FP8 else weight_dtype
+        module = _CORE_LOADERS[kind](path, dtype=host.weight_dtype(kind, choice))
+        if weight_dtype == FP8:
+            store_linear_weights_in_fp8(module)
         return (host.wrap(kind, module, module, model_name),)
 
     return NodeSpec(
@@ -32,7 +40,7 @@ def _loader(kind, what, out_type, folders):
         f"Load Würstchen {what}",
         f"Loads {what} from {folders}: a converted .safetensors file, an original .pt, or a diffusers folder.",
         (Input("model_name", "COMBO", f"A file or diffusers folder in {folders}.", options=_names(kind)),
-         _dtype_input()),
+         _dtype_input(fp8)),
         (Output(kind, out_type, what),),
         execute,
     )

@@ -91,6 +91,9 @@ def validate_workflow(prompt: dict, host, specs: dict = SPECS) -> list[str]:
     for nid, node in prompt.items():
         if not isinstance(node, dict) or "class_type" not in node:
             raise WorkflowError(f"Node {nid}: expected an object with 'class_type' and 'inputs'.")
+        if not isinstance(node["class_type"], str):
+            raise WorkflowError(f"Node {nid}: 'class_type' must be a string naming a node, "
+                                f"got a {type(node['class_type']).__name__}.")
         spec = specs.get(node["class_type"])
         if spec is None:
             raise WorkflowError(f"Node {nid}: unknown class_type {node['class_type']!r}; expected one of this pack's "
@@ -112,7 +115,8 @@ def validate_workflow(prompt: dict, host, specs: dict = SPECS) -> list[str]:
                 src = prompt.get(src_id)
                 if src is None:
                     raise WorkflowError(f"{where}: linked to node {src_id}, which is not in the workflow.")
-                src_spec = specs.get(src.get("class_type")) if isinstance(src, dict) else None
+                src_type = src.get("class_type") if isinstance(src, dict) else None
+                src_spec = specs.get(src_type) if isinstance(src_type, str) else None
                 if src_spec is None:
                     raise WorkflowError(f"{where}: linked to node {src_id}, which has no known class_type.")
                 if not 0 <= index < len(src_spec.outputs):
@@ -199,7 +203,12 @@ def load_workflow(path) -> dict:
         raise WorkflowError(f"Workflow {path}: cannot be read as JSON ({e}).") from None
     if isinstance(data, dict) and "prompt" in data and isinstance(data["prompt"], dict):
         data = data["prompt"]  # a /prompt request body
-    return ui_to_api(data, SPECS) if is_ui_workflow(data) else data
+    if not is_ui_workflow(data):
+        return data
+    try:
+        return ui_to_api(data, SPECS)
+    except (KeyError, TypeError, IndexError, ValueError) as e:
+        raise WorkflowError(f"Workflow {path}: not a valid UI-format workflow ({e}).") from None
 
 
 def run_workflow_file(path, models_dir, output_dir, device="cpu", input_dir=None, on_progress=None) -> dict:

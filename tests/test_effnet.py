@@ -1,5 +1,4 @@
 import math
-import sys
 
 import pytest
 import torch
@@ -17,23 +16,12 @@ from wuerstchen_core.models.effnet import (
     preprocess_for_effnet,
 )
 
-TV_REASON = "torchvision (test-only oracle, requirements-test.txt) is not installed"
+TV_REASON = "torchvision (test-only oracle) is not installed in tests/.oracle; see the test command in README.md"
 
 
 @pytest.fixture(scope="module")
 def torchvision():
-    """torchvision is only the oracle. Its PyPI wheel is built for CUDA; next to a CPU-only torch its C++ ops
-    do not load and the import then fails registering fake kernels for nms/qnms. Declaring those two schemas
-    first lets the pure-Python model code import (nothing here uses the ops)."""
-    try:
-        return pytest.importorskip("torchvision", reason=TV_REASON)
-    except RuntimeError as e:
-        if "torchvision::" not in str(e):
-            raise
-    for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
-        del sys.modules[name]
-    for op in ("nms", "qnms"):
-        torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    """The oracle; tests/conftest.py makes its CPU-incompatible wheel importable (see there)."""
     return pytest.importorskip("torchvision", reason=TV_REASON)
 
 

@@ -266,14 +266,6 @@ def mutated_workflows(draw):
     return wf
 
 
-# Known gaps in nodes/ (reported with issue 4): a non-string class_type reaches dict lookups
-# (TypeError in validate_workflow), and ui_to_api indexes malformed nodes/links without checks.
-NODES_GAP = pytest.mark.xfail(raises=(TypeError, KeyError, IndexError, AttributeError), strict=False,
-                              reason="nodes/runner.py and nodes/workflow_format.py do not yet turn malformed "
-                                     "structure into WorkflowError")
-
-
-@NODES_GAP
 @settings(FUZZ, report_multiple_bugs=False)
 @given(mutated_workflows())
 def test_mutated_workflows_validate_or_raise_workflow_error(host, wf):
@@ -287,7 +279,6 @@ def test_mutated_workflows_validate_or_raise_workflow_error(host, wf):
     assert set(order) <= set(wf)
 
 
-@NODES_GAP
 @settings(FUZZ, report_multiple_bugs=False)
 @given(st.data())
 def test_mutated_ui_workflow_files_load_or_raise_workflow_error(tmp_path, data):

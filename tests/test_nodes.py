@@ -148,7 +148,23 @@ def test_loader_outputs_and_dtypes(host, m):
     assert m["prior"].dtype == torch.float32  # auto on CPU
     half = loaders.LOAD_VQGAN.execute(host, FILES["vqgan"], "bf16")[0]
     assert half.dtype == torch.bfloat16
-    assert "fp8" not in " ".join(loaders.DTYPES)  # not implemented by the core
+    dtype_options = {spec.node_id: next(i.options for i in spec.inputs if i.name == "weight_dtype")
+                     for spec in loaders.NODES}
+    assert {name for name, options in dtype_options.items() if loaders.FP8 in options} == {
+        loaders.LOAD_PRIOR.node_id, loaders.LOAD_DECODER.node_id}  # fp8 storage only for the Stage B/C Linears
+
+
+def test_fp8_loaders_store_linear_weights_in_float8_and_sample(host, m):
+    fp8 = {kind: spec.execute(host, FILES[kind], loaders.FP8)[0]
+           for kind, spec in (("prior", loaders.LOAD_PRIOR), ("decoder", loaders.LOAD_DECODER))}
+    for loaded in fp8.values():
+        assert loaded.dtype == torch.float32  # the compute dtype (auto: fp32 on CPU), not the storage dtype
+        linears = [mod for mod in loaded.module.modules() if isinstance(mod, torch.nn.Linear)]
+        assert linears and all(mod.weight.dtype == torch.float8_e4m3fn for mod in linears)
+    c = _stage_c(host, m | fp8, _empty(host))
+    b = _stage_b(host, m | fp8, c)
+    assert c["samples"].shape == (1, 16, 6, 6) and torch.isfinite(c["samples"]).all()
+    assert b["samples"].shape[:2] == (1, 4) and torch.isfinite(b["samples"]).all()
 
 
 # ---------------------------------------------------------------------------------------------

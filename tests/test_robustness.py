@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tests.helpers.tiny_models import tiny_decoder, tiny_prior, tiny_vqgan
-from tests.helpers.tiny_pack import FILES, write_tiny_models
+from tests.helpers.tiny_pack import FILES, text_to_image_workflow, write_tiny_models
 from tests.helpers.tiny_text import tiny_text_encoder
 from wuerstchen_core import cli, memory, pipeline
 from wuerstchen_core.convert import convert
@@ -436,26 +436,7 @@ def test_png_write_interrupted_midway_leaves_nothing(tmp_path, monkeypatch):
 
 def tiny_workflow(prefix="t"):
     """Text -> Stage C -> Stage B -> Stage A -> SaveImage at 256 px, 2 + 2 steps, with the tiny_pack files."""
-    return {
-        "1": {"class_type": "WuerstchenLoadPrior", "inputs": {"model_name": FILES["prior"], "weight_dtype": "auto"}},
-        "2": {"class_type": "WuerstchenLoadDecoder", "inputs": {"model_name": FILES["decoder"], "weight_dtype": "auto"}},
-        "3": {"class_type": "WuerstchenLoadVQGAN", "inputs": {"model_name": FILES["vqgan"], "weight_dtype": "auto"}},
-        "4": {"class_type": "WuerstchenLoadTextEncoder",
-              "inputs": {"model_name": FILES["bigG"], "tower": "bigG (Stage C)", "weight_dtype": "auto"}},
-        "5": {"class_type": "WuerstchenLoadTextEncoder",
-              "inputs": {"model_name": FILES["H"], "tower": "H (Stage B)", "weight_dtype": "auto"}},
-        "6": {"class_type": "WuerstchenTextEncode", "inputs": {"text_encoder": ["4", 0], "text": "a cat"}},
-        "7": {"class_type": "WuerstchenTextEncode", "inputs": {"text_encoder": ["5", 0], "text": "a cat"}},
-        "8": {"class_type": "WuerstchenEmptyLatent", "inputs": {"width": 256, "height": 256, "batch_size": 1}},
-        "9": {"class_type": "WuerstchenStageCSampler",
-              "inputs": {"prior": ["1", 0], "positive": ["6", 0], "negative": ["6", 0], "latent": ["8", 0],
-                         "seed": 3, "steps": 2, "cfg": 4.0, "sampler": "ddpm", "denoise": 1.0}},
-        "10": {"class_type": "WuerstchenStageBSampler",
-               "inputs": {"decoder": ["2", 0], "positive": ["7", 0], "negative": ["7", 0], "stage_c": ["9", 0],
-                          "seed": 3, "steps": 2, "cfg": 0.0, "sampler": "ddpm", "denoise": 1.0}},
-        "11": {"class_type": "WuerstchenStageADecode", "inputs": {"vqgan": ["3", 0], "samples": ["10", 0], "tile_size": 0}},
-        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": prefix}},
-    }
+    return text_to_image_workflow(prefix=prefix)
 
 
 def test_runner_interrupt_leaves_no_file_and_the_next_run_works(models_dir, tmp_path):

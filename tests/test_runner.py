@@ -8,7 +8,7 @@ import pytest
 from nodes.host import StandaloneHost
 from nodes.runner import CORE_NODES, SPECS, load_workflow, run_workflow, run_workflow_file, validate_workflow
 from nodes.workflow_format import api_to_ui, ui_to_api
-from tests.helpers.tiny_pack import FILES, write_test_image, write_tiny_models
+from tests.helpers.tiny_pack import FILES, text_to_image_workflow, write_test_image, write_tiny_models
 from wuerstchen_core.errors import CheckpointError, WorkflowError
 
 
@@ -24,28 +24,11 @@ def host(models_dir, tmp_path):
 
 
 def small_workflow():
-    """Text -> Stage C -> Stage B -> Stage A -> SaveImage at 256 px with 1+1 steps."""
-    return {
-        "1": {"class_type": "WuerstchenLoadPrior", "inputs": {"model_name": FILES["prior"], "weight_dtype": "auto"}},
-        "2": {"class_type": "WuerstchenLoadDecoder", "inputs": {"model_name": FILES["decoder"], "weight_dtype": "auto"}},
-        "3": {"class_type": "WuerstchenLoadVQGAN", "inputs": {"model_name": FILES["vqgan"], "weight_dtype": "auto"}},
-        "4": {"class_type": "WuerstchenLoadTextEncoder",
-              "inputs": {"model_name": FILES["bigG"], "tower": "bigG (Stage C)", "weight_dtype": "auto"}},
-        "5": {"class_type": "WuerstchenLoadTextEncoder",
-              "inputs": {"model_name": FILES["H"], "tower": "H (Stage B)", "weight_dtype": "auto"}},
-        "6": {"class_type": "WuerstchenTextEncode", "inputs": {"text_encoder": ["4", 0], "text": "a cat"}},
-        "7": {"class_type": "WuerstchenTextEncode", "inputs": {"text_encoder": ["5", 0], "text": "a cat"}},
-        "8": {"class_type": "WuerstchenEmptyLatent", "inputs": {"width": 300, "height": 256, "batch_size": 1}},
-        "9": {"class_type": "WuerstchenStageCSampler",
-              "inputs": {"prior": ["1", 0], "positive": ["6", 0], "negative": ["6", 0], "latent": ["8", 0],
-                         "seed": 3, "steps": 1, "cfg": 4.0, "sampler": "ddim", "denoise": 1.0}},
-        "10": {"class_type": "WuerstchenStageBSampler",
-               "inputs": {"decoder": ["2", 0], "positive": ["7", 0], "negative": ["7", 0], "stage_c": ["9", 0],
-                          "seed": 3, "steps": 1, "cfg": 0.0, "sampler": "ddpm", "denoise": 1.0}},
-        "11": {"class_type": "WuerstchenStageADecode", "inputs": {"vqgan": ["3", 0], "samples": ["10", 0], "tile_size": 0}},
-        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "t"}},
-        "13": {"class_type": "WuerstchenEmptyLatent", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
-    }
+    """Text -> Stage C -> Stage B -> Stage A -> SaveImage at 256 px (300 wide, snapped) with 1+1 steps,
+    plus an unconnected second empty latent."""
+    wf = text_to_image_workflow(width=300, prior_steps=1, decoder_steps=1, prior_sampler="ddim")
+    wf["13"] = {"class_type": "WuerstchenEmptyLatent", "inputs": {"width": 512, "height": 512, "batch_size": 1}}
+    return wf
 
 
 def test_runs_end_to_end_and_skips_nodes_no_output_needs(host, tmp_path):

@@ -51,3 +51,27 @@ def write_test_image(path: Path, size=256) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgba, "RGBA").save(path)
     return path
+
+
+def text_to_image_workflow(width=256, prior_steps=2, decoder_steps=2, prior_sampler="ddpm", prefix="t"):
+    """API-format text -> Stage C -> Stage B -> Stage A -> SaveImage graph over the FILES above (256 px high)."""
+    return {
+        "1": {"class_type": "WuerstchenLoadPrior", "inputs": {"model_name": FILES["prior"], "weight_dtype": "auto"}},
+        "2": {"class_type": "WuerstchenLoadDecoder", "inputs": {"model_name": FILES["decoder"], "weight_dtype": "auto"}},
+        "3": {"class_type": "WuerstchenLoadVQGAN", "inputs": {"model_name": FILES["vqgan"], "weight_dtype": "auto"}},
+        "4": {"class_type": "WuerstchenLoadTextEncoder",
+              "inputs": {"model_name": FILES["bigG"], "tower": "bigG (Stage C)", "weight_dtype": "auto"}},
+        "5": {"class_type": "WuerstchenLoadTextEncoder",
+              "inputs": {"model_name": FILES["H"], "tower": "H (Stage B)", "weight_dtype": "auto"}},
+        "6": {"class_type": "WuerstchenTextEncode", "inputs": {"text_encoder": ["4", 0], "text": "a cat"}},
+        "7": {"class_type": "WuerstchenTextEncode", "inputs": {"text_encoder": ["5", 0], "text": "a cat"}},
+        "8": {"class_type": "WuerstchenEmptyLatent", "inputs": {"width": width, "height": 256, "batch_size": 1}},
+        "9": {"class_type": "WuerstchenStageCSampler",
+              "inputs": {"prior": ["1", 0], "positive": ["6", 0], "negative": ["6", 0], "latent": ["8", 0],
+                         "seed": 3, "steps": prior_steps, "cfg": 4.0, "sampler": prior_sampler, "denoise": 1.0}},
+        "10": {"class_type": "WuerstchenStageBSampler",
+               "inputs": {"decoder": ["2", 0], "positive": ["7", 0], "negative": ["7", 0], "stage_c": ["9", 0],
+                          "seed": 3, "steps": decoder_steps, "cfg": 0.0, "sampler": "ddpm", "denoise": 1.0}},
+        "11": {"class_type": "WuerstchenStageADecode", "inputs": {"vqgan": ["3", 0], "samples": ["10", 0], "tile_size": 0}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": prefix}},
+    }

@@ -314,18 +314,24 @@ def main():
                     p.data = p.data.pin_memory()
         free(device)
 
-    if section("low_vram", 60 if not tiny else 10):
-        to_host(m)
+    def measure_low_vram(name, models):
+        """Time one image with every model on the host and one stage on the device at a time; then put
+        the shared models `m` back on the device for the next sections."""
+        to_host(m)  # nothing else stays resident while measuring
+        to_host(models)
         box = {}
-        low_vram_generate(m, base)
+        low_vram_generate(models, base)
         with peak_memory(device, box):
-            t = timed(lambda: low_vram_generate(m, base), device, 2, 0)
-        results["sections"]["low_vram"] = dict(size=base, s=t, peak_gib=box.get("peak_gib"))
-        log(results["sections"]["low_vram"])
-        save()
+            t = timed(lambda: low_vram_generate(models, base), device, 2, 0)
+        results["sections"][name] = dict(size=base, s=t, peak_gib=box.get("peak_gib"))
+        log(results["sections"][name])
         for mod in modules(m):
             mod.to(device)
         free(device)
+        save()
+
+    if section("low_vram", 60 if not tiny else 10):
+        measure_low_vram("low_vram", m)
 
     # ---- batch throughput, eager
     if section("e2e_batch", 60 if not tiny else 10):
@@ -368,20 +374,9 @@ def main():
 
     if section("low_vram_fp8", 40 if not tiny else 10):
         # fresh Stage B/C copies with fp8-stored Linear weights; text encoders and VQGAN shared
-        m8 = dict(m, prior=store_linear_weights_in_fp8(build(WuerstchenPrior, pc, device, dtype, 1)),
-                  decoder=store_linear_weights_in_fp8(build(WuerstchenDecoder, dc, device, dtype, 2)))
-        to_host(m8)
-        box = {}
-        low_vram_generate(m8, base)
-        with peak_memory(device, box):
-            t = timed(lambda: low_vram_generate(m8, base), device, 2, 0)
-        results["sections"]["low_vram_fp8"] = dict(size=base, s=t, peak_gib=box.get("peak_gib"))
-        log(results["sections"]["low_vram_fp8"])
-        del m8
-        for mod in modules(m):
-            mod.to(device)
-        free(device)
-        save()
+        measure_low_vram("low_vram_fp8", dict(
+            m, prior=store_linear_weights_in_fp8(build(WuerstchenPrior, pc, device, dtype, 1)),
+            decoder=store_linear_weights_in_fp8(build(WuerstchenDecoder, dc, device, dtype, 2))))
 
     # ---- fast mode (compiled, CUDA graphs)
     if section("fast_mode", 200 if not tiny else 60):

@@ -75,10 +75,11 @@ class ComfyHost(Host):
         loaded.patcher = comfy.model_patcher.ModelPatcher(_Holder(module), load_device=load, offload_device=offload)
         return loaded
 
-    def load(self, *models):
+    def load(self, *models, activations=0):
         patchers = [m.patcher for m in models if m is not None]
         # Full loads: our layers are plain torch modules, which ModelPatcher cannot run partially loaded.
-        mm.load_models_gpu(patchers, force_full_load=True)
+        # memory_required: ComfyUI offloads other models until the stage's activations fit as well.
+        mm.load_models_gpu(patchers, memory_required=activations, force_full_load=True)
         return patchers[0].load_device
 
     def progress(self, total):

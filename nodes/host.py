@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from wuerstchen_core import performance
 from wuerstchen_core.errors import CheckpointError
 from wuerstchen_core.pipeline import compute_param
 
@@ -38,6 +39,7 @@ class LoadedModel:
     name: str  # the file name as picked in the loader, for error messages
     tower: str | None = None  # text encoders: "bigG" (Stage C) or "H" (Stage B)
     patcher: Any = None  # ComfyUI's ModelPatcher, when hosted by ComfyUI
+    compiled: Any = None  # the fast-mode (torch.compile) forward, made on first use
 
     @property
     def dtype(self) -> torch.dtype:
@@ -106,8 +108,16 @@ class Host:
     def wrap(self, kind: str, model, module: torch.nn.Module, name: str, tower=None) -> LoadedModel:
         return LoadedModel(kind, model, module, name, tower)
 
-    def load(self, *models: LoadedModel) -> torch.device:
-        """Put `models` (None entries skipped) on the compute device; returns that device."""
+    def fast_model(self, loaded: LoadedModel, device: torch.device) -> torch.nn.Module:
+        """The sampler nodes' fast mode: `loaded`'s network compiled once (CUDA graphs on a GPU) and kept
+        with it, so later runs of the same size and batch reuse the compiled code."""
+        if loaded.compiled is None:
+            loaded.compiled = performance.compile_model(loaded.model, cuda_graphs=device.type == "cuda")
+        return loaded.compiled
+
+    def load(self, *models: LoadedModel, activations: int = 0) -> torch.device:
+        """Put `models` (None entries skipped) on the compute device, with room for `activations` more
+        bytes (the stage's memory.activation_bytes estimate); returns that device."""
         raise NotImplementedError
 
     def progress(self, total: int) -> "Progress":
@@ -149,7 +159,7 @@ class StandaloneHost(Host):
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
-    def load(self, *models):
+    def load(self, *models, activations=0):  # one device, nothing else to make room for
         for m in models:
             if m is not None:
                 m.module.to(self.device)

@@ -2,7 +2,7 @@
 
 import torch
 
-from wuerstchen_core import pipeline
+from wuerstchen_core import memory, pipeline
 
 from .latents import stage_samples
 from .spec import VQGAN, Input, NodeSpec, Output
@@ -10,8 +10,11 @@ from .spec import VQGAN, Input, NodeSpec, Output
 
 def _decode(host, vqgan, samples, tile_size):
     z = stage_samples(samples, "B", "Würstchen Stage A Decode, input 'samples'")
-    device = host.load(vqgan)
     tile = tile_size // 4 if tile_size and 4 * max(z.shape[-2:]) > tile_size else None  # in latent cells
+    height, width = 4 * z.shape[-2], 4 * z.shape[-1]
+    element_size = torch.empty((), dtype=vqgan.dtype).element_size()
+    device = host.load(vqgan, activations=memory.activation_bytes("vqgan", vqgan.model.cfg, 1, height, width,
+                                                                  element_size, tile=tile))
     bar = host.progress(z.shape[0])
     images = []
     with torch.inference_mode():

@@ -11,6 +11,8 @@ import uuid
 from wuerstchen_core import __version__
 from wuerstchen_core.errors import WorkflowError
 
+_ABSENT = object()  # an optional widget with no stored value
+
 PACK_ID = "wuerstchen-v2-nodes"  # registry id = pyproject [project].name
 CORE_VERSION = "0.3.64"
 EXTRA_VALUES = {"control_after_generate": "fixed", "upload": "image"}
@@ -57,12 +59,15 @@ def ui_to_api(ui: dict, specs: dict) -> dict:
                     value = values.get(inp.name)
                 elif k < len(values):
                     value = values[k]
+                elif inp.optional:  # a widget added after the workflow was saved: its default applies
+                    value = _ABSENT
                 else:
                     raise WorkflowError(f"Node {nid} ({spec.node_id}): widgets_values has {len(values)} entries, "
                                         f"expected {_widget_count(spec)} (no value for '{inp.name}').")
-                k += 1 + inp.ui_extra_values
-                if link is None:
-                    inputs[inp.name] = value
+                if value is not _ABSENT:
+                    k += 1 + inp.ui_extra_values
+                    if link is None:
+                        inputs[inp.name] = value
             if link is not None:
                 origin, slot = links[link]
                 inputs[inp.name] = [str(origin), slot]

@@ -12,6 +12,7 @@ import torch
 
 from tests.helpers.tiny_models import randomize_, tiny_decoder_config, tiny_prior_config, tiny_vqgan_config
 from wuerstchen_core.errors import CheckpointError, WrongComponentError
+from wuerstchen_core.models.vqgan import MixingResidualBlock
 from wuerstchen_core.models import (
     DecoderConfig,
     PaellaVQGAN,
@@ -161,10 +162,14 @@ def test_decoder_forward_matches_reference(cfg, batch, hw, effnet_hw):
     assert rel_err(got, expected) <= TOL
 
 
+@pytest.mark.parametrize("banded", [False, True], ids=["whole", "banded"])
 @pytest.mark.parametrize("batch,hw", [(1, (16, 24)), (3, (24, 8))])
 @pytest.mark.parametrize("cfg", VQGAN_CFGS, ids=cfg_id)
 @torch.no_grad()
-def test_vqgan_matches_reference(cfg, batch, hw):
+def test_vqgan_matches_reference(cfg, batch, hw, banded, monkeypatch):
+    """banded: the channelwise update runs over bands of 1-2 rows, as it does on large maps."""
+    if banded:
+        monkeypatch.setattr(MixingResidualBlock, "MAX_TOKENS", 20)
     ours, reference = pair(cfg)
     scale = ours.cfg.scale_factor
     img = torch.rand(batch, 3, *hw, generator=torch.Generator().manual_seed(batch))

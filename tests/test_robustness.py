@@ -51,18 +51,17 @@ def one_line(exc_info) -> str:
 # memory estimates
 
 # Peak allocated bytes above the weights, measured on an H200 in bf16 through the pipeline functions
-# (1 step; random real-size weights): (stage, batch, side, guided, tile) -> GiB.
+# (1 step; random real-size weights): (stage, batch, side, guided, tile) -> GiB. Measured before GELU and
+# GRN went in place, which only lowered these peaks. Stage A was measured too, before its banded channel
+# MLP; its estimate is checked against traced peaks in test_memory_budget.py.
 MEASURED_H200 = {
     ("prior", 1, 1024, True, None): 0.080, ("prior", 2, 2048, True, None): 0.373,
     ("prior", 1, 2048, False, None): 0.146,
     ("decoder", 1, 1024, False, None): 0.216, ("decoder", 2, 1024, False, None): 0.330,
     ("decoder", 1, 2048, False, None): 0.660, ("decoder", 1, 1024, True, None): 0.331,
     ("decoder", 2, 1536, False, None): 0.745,
-    ("vqgan", 1, 1024, False, None): 1.032, ("vqgan", 4, 1024, False, None): 4.127,
-    ("vqgan", 1, 2048, False, None): 4.127, ("vqgan", 1, 2048, False, 128): 0.324,
-    ("vqgan", 1, 2048, False, 64): 0.129,
 }
-PUBLIC = {"prior": PriorConfig(), "decoder": DecoderConfig(), "vqgan": VQGANConfig()}
+PUBLIC = {"prior": PriorConfig(), "decoder": DecoderConfig()}
 
 
 @pytest.mark.parametrize("case", MEASURED_H200, ids=lambda c: "-".join(map(str, c)))
@@ -79,11 +78,12 @@ def test_estimate_scales_with_batch_guidance_and_tiles():
     assert one.weights == memory.weight_bytes(prior) == sum(t.numel() * 4 for t in prior.state_dict().values())
     assert memory.estimate("prior", prior, batch=1, height=1024, width=1024, device="cpu").weights == 0  # already there
     assert memory.estimate("prior", prior, batch=1, height=1024, width=1024, device="cuda").weights == one.weights
-    assert one.replace(batch=4).activations == 4 * one.activations
-    assert one.replace(guided=True).activations == 2 * one.activations
-    assert one.replace(height=2048, width=2048).activations == 4 * one.activations
-    assert memory.estimate("prior", prior, batch=1, height=1024, width=1024, dtype=torch.bfloat16).activations == \
-        one.activations // 2
+    w = memory.WORKSPACE  # a fixed part; the rest scales with the images and their size
+    assert one.replace(batch=4).activations - w == 4 * (one.activations - w)
+    assert one.replace(guided=True).activations - w == 2 * (one.activations - w)
+    assert one.replace(height=2048, width=2048).activations - w == 4 * (one.activations - w)
+    assert memory.estimate("prior", prior, batch=1, height=1024, width=1024, dtype=torch.bfloat16).activations - w \
+        == (one.activations - w) // 2
     vq = MemoryEstimate("vqgan", VQGANConfig(), 0, 1, 2048, 2048)
     assert vq.replace(guided=True).activations == vq.activations  # decoding has no guidance
     assert vq.replace(tile=64).activations < vq.replace(tile=128).activations < vq.activations / 4
@@ -105,7 +105,7 @@ def test_too_little_memory_names_stage_estimate_free_and_the_options_that_fit():
     with pytest.raises(InsufficientMemoryError) as e:
         check_fits("decoder", need, "cuda", free=6 * GiB)
     msg = one_line(e)
-    assert msg == ("Stage B (decoder) needs about 9.5 GiB on cuda (2.0 GiB weights + 7.5 GiB activations for 4 images "
+    assert msg == ("Stage B (decoder) needs about 9.6 GiB on cuda (2.0 GiB weights + 7.6 GiB activations for 4 images "
                    "at 2048×2048) but only 6.0 GiB is free; it fits with a batch of at most 2.")
     assert isinstance(e.value, WuerstchenError)
 
@@ -126,7 +126,7 @@ def test_too_little_memory_names_stage_estimate_free_and_the_options_that_fit():
         check_fits("vqgan", decode.replace(batch=4), "cuda", free=2 * GiB)
     assert one_line(e).endswith("it fits with tiled Stage A decode with 128-latent-px tiles (512 px).")
     with pytest.raises(InsufficientMemoryError) as e:  # only changing several things at once helps
-        check_fits("vqgan", decode.replace(batch=4), "cuda", free=GiB // 10, offloadable=GiB // 20)
+        check_fits("vqgan", decode.replace(batch=4), "cuda", free=int(0.15 * GiB), offloadable=GiB // 20)
     assert one_line(e).endswith("it fits with low-VRAM mode, one image at a time, tiled Stage A decode with "
                                 "32-latent-px tiles.")
     with pytest.raises(InsufficientMemoryError, match="it fits with one image at a time, tiled Stage A decode with "

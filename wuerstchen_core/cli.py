@@ -201,8 +201,9 @@ def generate(args) -> int:
     vqgan = loading.load_vqgan(_part(args.vqgan, args.decoder, "--vqgan", "the Stage A VQGAN"), dtype, home)
     if args.fp8:
         prior, decoder = map(performance.store_linear_weights_in_fp8, (prior, decoder))
-    if args.fast:
-        prior, decoder = (performance.compile_model(m, cuda_graphs=device == "cuda") for m in (prior, decoder))
+    if args.fast:  # CUDA graphs keep weight addresses: not with --low-vram, which re-uploads every image
+        graphs = device == "cuda" and not args.low_vram
+        prior, decoder = (performance.compile_model(m, cuda_graphs=graphs) for m in (prior, decoder))
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     decoder_seed = seed if args.decoder_seed is None else args.decoder_seed
     settings = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "width", "height", "prior_steps",

@@ -9,28 +9,41 @@ tensor of the network, the one at its finest grid:
   Stage B (decoder)       c_hidden[0] · (hb/2) · (wb/2)   at the first U-Net level (128×128 at 1024 px)
   Stage A (VQGAN decode)  c_levels[0] · 2hb · 2wb         at the last up level (512×512 at 1024 px)
 
-times a per-stage factor in elements (ACTIVATION_FACTOR): a ConvNeXt / Paella block holds its input,
-the normalised copy and two 4×-wide channel-MLP tensors at once, and Stage B also keeps its U-Net skips
-and effnet maps. The factors were measured on an H200 in bf16 (peak allocated minus weights, through the
-pipeline functions) and rounded up, so the estimate errs on the safe side. Stage B and Stage A at
-2048 px are the large ones (several GiB per image); tiled Stage A decoding bounds the latter.
+times a per-stage factor in elements (ACTIVATION_FACTOR), plus a fixed WORKSPACE. A ConvNeXt block holds
+its input, the normalised copy and one 4×-wide channel-MLP tensor (GELU and GRN work in place), Stage B
+also its U-Net skips and effnet maps; the Paella blocks of Stage A run their channel MLP over row bands,
+so their peak is the input, the normalised and padded copies and the depthwise output. The Stage B/C
+factors were measured on an H200 in bf16 (peak allocated minus weights, through the pipeline functions,
+before GELU/GRN went in place, which only lowered the peaks); the Stage A factor comes from
+`trace_activations`, which reproduced the H200's 4.13 GiB for the unbanded 2048 px decode. All are
+rounded up, so the estimate errs on the safe side. Tiled Stage A decoding bounds the largest images.
 
 On CPU devices nothing is checked: system RAM is not guessed at.
+
+`trace_activations` predicts a forward's peak instead of estimating it: it runs the forward on the
+meta device (no memory, no compute) and adds up the tensors alive after every operator. It does not
+see kernel workspaces (cuBLAS, cuDNN); WORKSPACE stands for them.
 """
 
 import contextlib
 import dataclasses
 import re
 import traceback
+import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from .errors import WuerstchenError
 from .sizes import stage_b_grid, stage_c_grid
 
 STAGES = {"prior": "Stage C (prior)", "decoder": "Stage B (decoder)", "vqgan": "Stage A (VQGAN decode)"}
-ACTIVATION_FACTOR = {"prior": 28, "decoder": 24, "vqgan": 12}  # elements per unit of the widest tensor
+ACTIVATION_FACTOR = {"prior": 25, "decoder": 24, "vqgan": 6}  # elements per unit of the widest tensor
+WORKSPACE = 64 * 2**20  # cuBLAS/cuDNN workspaces and the sampler's latents: ~50-60 MiB measured on an H200
 TILES = (256, 128, 64, 32)  # Stage A tile sizes (latent px) offered when a whole decode does not fit
 GiB = 2**30
 
@@ -93,7 +106,7 @@ def activation_bytes(stage: str, cfg, batch: int, height: int, width: int, eleme
         th, tw = (hb, wb) if tile is None else (min(tile, hb), min(tile, wb))
         up = cfg.up_down_scale_factor ** (cfg.levels - 1)
         widest = cfg.embed_dim // up * (th * up) * (tw * up)
-    need = ACTIVATION_FACTOR[stage] * images * widest * element_size
+    need = WORKSPACE + ACTIVATION_FACTOR[stage] * images * widest * element_size
     if stage == "vqgan":  # the float32 image, its clamped copy and, when tiled, the blend weights
         need += (2 * images * 3 + (tile is not None)) * (4 * hb) * (4 * wb) * 4
     return need
@@ -215,3 +228,85 @@ class translate_oom(contextlib.ContextDecorator):
         raise InsufficientMemoryError(
             f"{name} ran out of GPU memory{where} ({asked[0] if asked else 'out of memory'}"
             f"{f', {_gib(free)} free now' if free is not None else ''}); {hint}.") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# peak activation memory of a forward, predicted on the meta device
+
+
+class _FusedAttention(TorchFunctionMode):
+    """Attention as the fused GPU kernels run it: only the output is allocated (the meta device
+    would otherwise take the math path and materialise the [heads, N, M] score matrix)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            q, _, v = args[:3]
+            return q.new_empty(*q.shape[:-1], v.shape[-1])
+        return func(*args, **(kwargs or {}))
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the storages created inside the block that some tensor still references, after each
+    operator; `peak` is the largest such sum. Storages of `keep` (weights, inputs) are not counted."""
+
+    def __init__(self, keep):
+        super().__init__()
+        self.excluded = {t.untyped_storage()._cdata for t in keep}
+        self.live: dict[int, tuple[int, list]] = {}  # storage id -> (bytes, weak refs to its tensors)
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key in [k for k, (_, refs) in self.live.items() if all(r() is None for r in refs)]:
+            self.current -= self.live.pop(key)[0]
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and (key := t.untyped_storage()._cdata) not in self.excluded:
+                if key not in self.live:
+                    self.live[key] = (t.untyped_storage().nbytes(), [])
+                    self.current += self.live[key][0]
+                self.live[key][1].append(weakref.ref(t))
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def trace_activations(fn, keep=()) -> int:
+    """Peak bytes of the tensors `fn()` allocates, traced op by op. Run it on meta tensors and meta
+    modules (public sizes cost nothing); pass the model's parameters and the inputs as `keep`."""
+    with torch.no_grad(), _FusedAttention(), _LiveBytes(list(keep)) as live:
+        fn()
+    return live.peak
+
+
+def trace_stage(net: nn.Module, stage: str, *, height: int, width: int, batch: int = 1, guided: bool = False,
+                tile: int | None = None) -> int:
+    """Traced peak activation bytes of one forward of a meta-device network for `batch` images of
+    height×width px, called as the pipeline calls it: `stage` is a STAGES key (Stage C/B with guidance
+    see 2·batch, Stage A returns the clamped float32 image, tiled when `tile` is given) or "text" (a
+    CLIP text tower on 77 tokens)."""
+    from .pipeline import _decode_tiled  # the pipeline imports this module
+
+    dtype = next(p for p in net.parameters() if p.element_size() > 1).dtype
+    hc, wc = stage_c_grid(height, width)
+    hb, wb = stage_b_grid(hc, wc)
+    n = batch * (2 if guided else 1)
+
+    def meta(*shape, dtype=dtype):
+        return torch.empty(*shape, device="meta", dtype=dtype)
+
+    if stage == "prior":
+        args = (meta(n, net.cfg.c_in, hc, wc), meta(n), meta(n, 77, net.cfg.c_cond))
+        fn = lambda: net(*args)  # noqa: E731
+    elif stage == "decoder":
+        args = (meta(n, net.cfg.c_in, hb, wb), meta(n), meta(n, net.cfg.effnet_embd, hc, wc, dtype=torch.float32),
+                meta(n, 77, net.cfg.clip_embd))
+        fn = lambda: net(*args)  # noqa: E731
+    elif stage == "vqgan":
+        args = (meta(batch, net.cfg.latent_channels, hb, wb),)
+        fn = (lambda: net.decode(*args).float().clamp(0, 1)) if tile is None else \
+            (lambda: _decode_tiled(net, *args, tile, tile // 4).clamp(0, 1))
+    elif stage == "text":
+        args = (torch.zeros(n, 77, dtype=torch.long, device="meta"),)
+        fn = lambda: net(input_ids=args[0])  # noqa: E731
+    else:
+        raise ValueError(f"stage must be one of {(*STAGES, 'text')}, got {stage!r}")
+    return trace_activations(fn, [*net.parameters(), *net.buffers(), *args])

@@ -39,26 +39,33 @@ def store_linear_weights_in_fp8(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def on_device(model: nn.Module, device, offload_device="cpu"):
-    """Stage-at-a-time (low-VRAM) execution: move `model` to `device` for the block, back after.
+def on_device(model: nn.Module, device):
+    """Stage-at-a-time (low-VRAM) execution: `model`'s weights are on `device` only inside the block.
 
-    Weights are kept in pinned host memory between uses when offloading from CUDA, so the copies
-    run at full PCIe speed.
+    The host copy stays the model's home: it is pinned once (so uploads run at full PCIe speed and
+    asynchronously), uploaded on entry and simply put back on exit; the device copy is dropped, never
+    copied back. A no-op when `device` is the CPU or the weights already live on `device`.
     """
     device = torch.device(device)
-    if device.type != "cuda":
+    tensors = [*model.parameters(), *model.buffers()]
+    if device.type == "cpu" or all(t.device.type == device.type for t in tensors):
         yield model
         return
-    model.to(device, non_blocking=True)
+    if device.type == "cuda":
+        for t in tensors:
+            if t.device.type == "cpu" and not t.is_pinned():
+                t.data = t.data.pin_memory()
+    # every parameter/buffer slot with its tensor object and that object's host data: Module.to either
+    # swaps the data of the same object (CPU -> CUDA) or puts a new object in the slot (other devices)
+    home = [(table, name, t, t.data) for m in model.modules() for table in (m._parameters, m._buffers)
+            for name, t in table.items() if t is not None]
     try:
+        model.to(device, non_blocking=True)
         yield model
     finally:
-        model.to(offload_device)
-        if torch.device(offload_device).type == "cpu":
-            for p in model.parameters():
-                p.data = p.data.pin_memory()
-            for b in model.buffers():
-                b.data = b.data.pin_memory()
+        for table, name, t, data in home:
+            t.data = data
+            table[name] = t
 
 
 def compile_model(model: nn.Module, cuda_graphs: bool = True) -> nn.Module:

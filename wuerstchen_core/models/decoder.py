@@ -147,7 +147,8 @@ class WuerstchenDecoder(nn.Module):
         model dtype; effnet may be float32 (it is resized in float32 and cast to the model dtype)."""
         dtype = self.embedding[1].weight.dtype  # a conv: never fp8-stored
         r_embed = r_embedding(r, self.cfg.c_r).to(dtype)
-        clip = F.layer_norm(self.clip_mapper(clip), (self.cfg.c_cond,), eps=LN_EPS)
+        # the AttnBlocks' kv_mapper SiLU, once
+        silu_clip = F.silu(F.layer_norm(self.clip_mapper(clip), (self.cfg.c_cond,), eps=LN_EPS))
         resized = {}  # effnet resized once per spatial size (NHWC), shared by the down and up levels
 
         def effnet_cond(index, h):  # (features, mapper) for the level's ResBlocks, which apply the mapper
@@ -167,7 +168,7 @@ class WuerstchenDecoder(nn.Module):
                 elif isinstance(block, TimestepBlock):
                     h = block(h, r_embed)
                 elif isinstance(block, AttnBlock):
-                    h = block(h, clip)
+                    h = block(h, silu_clip)
                 else:  # up-sampler
                     h = block(h)
             return h

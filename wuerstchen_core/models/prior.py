@@ -3,6 +3,7 @@
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
@@ -68,10 +69,10 @@ class WuerstchenPrior(nn.Module):
         The r embedding is computed in r's own dtype and then cast to the model dtype: a float32 r
         gives the original (autocast) behaviour, r in the model's fp16 reproduces diffusers."""
         h = self.projection(x.contiguous(memory_format=torch.channels_last))  # see common.py: Layout
-        cond = self.cond_mapper(clip)
+        silu_cond = F.silu(self.cond_mapper(clip))  # the AttnBlocks' kv_mapper SiLU, once
         r_embed = r_embedding(r, self.cfg.c_r).to(h.dtype)
         blocks = iter(self.blocks)
         for res, film, attn in zip(blocks, blocks, blocks):
-            h = attn(film(res(h), r_embed), cond)
+            h = attn(film(res(h), r_embed), silu_cond)
         a, b = self.out(h).contiguous().chunk(2, dim=1)
         return (x - a) / ((1 - b).abs() + 1e-5)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
-from .common import LN_EPS, state_shape
+from .common import GELU, LN_EPS, state_shape
 
 SCALE = 2  # up_down_scale_factor: not recoverable from the weights (only channels * scale**2 is)
 
@@ -55,22 +55,40 @@ class VQGANConfig:
 
 
 class MixingResidualBlock(nn.Module):
-    """Paella block: gated depthwise (replication padded) and channelwise residual updates."""
+    """Paella block: gated depthwise (replication padded) and channelwise residual updates.
+
+    The channelwise update is per pixel, so on large maps it runs over bands of rows of one image at a
+    time (at most MAX_TOKENS pixels): its 4×-wide hidden tensors are what made a 1024 px decode peak at
+    1 GiB of activations. Bands never span two images, so a batch still equals its single runs."""
+
+    MAX_TOKENS = 2**15
 
     def __init__(self, c):
         super().__init__()
         self.depthwise = nn.Sequential(nn.ReplicationPad2d(1), nn.Conv2d(c, c, kernel_size=3, groups=c))
-        self.channelwise = nn.Sequential(nn.Linear(c, c * 4), nn.GELU(), nn.Linear(c * 4, c))
+        self.channelwise = nn.Sequential(nn.Linear(c, c * 4), GELU(), nn.Linear(c * 4, c))
         self.gammas = nn.Parameter(torch.zeros(6))
 
+    def _norm(self, x, scale, shift):  # NHWC x: LN(x) * (1 + scale) + shift as the LN's own affine
+        c = x.shape[-1:]
+        return F.layer_norm(x, c, (1 + scale).expand(c), shift.expand(c), eps=LN_EPS)
+
+    def _mix_channels(self, x):  # x [..., C] NHWC -> x + MLP(norm(x)) * gamma
+        g = self.gammas
+        return torch.addcmul(x, self.channelwise(self._norm(x, g[3], g[4])), g[5])
+
     def forward(self, x):  # x [B,C,H,W], copy-free in channels_last memory
-        g, c = self.gammas, x.shape[1:2]
-
-        def norm(x, scale, shift):  # LN(x) * (1 + scale) + shift as the LN's own affine, on NHWC
-            return F.layer_norm(x.permute(0, 2, 3, 1), c, (1 + scale).expand(c), shift.expand(c), eps=LN_EPS)
-
-        x = torch.addcmul(x, self.depthwise(norm(x, g[0], g[1]).permute(0, 3, 1, 2)), g[2])
-        return torch.addcmul(x, self.channelwise(norm(x, g[3], g[4])).permute(0, 3, 1, 2), g[5])
+        g = self.gammas
+        x = torch.addcmul(x, self.depthwise(self._norm(x.permute(0, 2, 3, 1), g[0], g[1]).permute(0, 3, 1, 2)), g[2])
+        nhwc = x.permute(0, 2, 3, 1)
+        rows = max(1, self.MAX_TOKENS // x.shape[-1])
+        if x.shape[-2] <= rows:
+            return self._mix_channels(nhwc).permute(0, 3, 1, 2)
+        out = torch.empty_like(nhwc)
+        for b in range(x.shape[0]):
+            for top in range(0, x.shape[-2], rows):
+                out[b, top:top + rows] = self._mix_channels(nhwc[b, top:top + rows])
+        return out.permute(0, 3, 1, 2)
 
 
 class PaellaVQGAN(nn.Module):

@@ -1,0 +1,122 @@
+"""The speed and memory options of wuerstchen_core.performance, and the sampler nodes' fast mode.
+
+Timings are not tested here (bench/ measures them); these tests check that each option computes the
+same thing and moves memory the way it says."""
+
+import pytest
+import torch
+
+from nodes import conditioning, latents, loaders, sampling
+from nodes.host import StandaloneHost
+from tests.helpers.tiny_models import tiny_decoder, tiny_prior
+from tests.helpers.tiny_pack import FILES, write_tiny_models
+from wuerstchen_core import performance
+from wuerstchen_core.performance import Fp8Linear, on_device, store_linear_weights_in_fp8
+
+
+def prior_inputs(prior, batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, prior.cfg.c_in, 6, 6, generator=g), torch.rand(batch, generator=g),
+            torch.randn(batch, 77, prior.cfg.c_cond, generator=g))
+
+
+def decoder_inputs(decoder, batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, decoder.cfg.c_in, 32, 32, generator=g), torch.rand(batch, generator=g),
+            torch.randn(batch, decoder.cfg.effnet_embd, 6, 6, generator=g),
+            torch.randn(batch, 77, decoder.cfg.clip_embd, generator=g))
+
+
+# ---------------------------------------------------------------------------------------------
+# low-VRAM: on_device
+
+
+def test_on_device_uploads_inside_the_block_and_never_copies_back():
+    """The meta device stands in for a GPU: inside the block every weight is there, after it each
+    parameter holds its original host tensor again (the same storage: no device-to-host copy)."""
+    prior = tiny_prior()
+    host = {name: t.data for name, t in [*prior.named_parameters(), *prior.named_buffers()]}
+    with on_device(prior, "meta") as model:
+        assert model is prior
+        assert all(t.device.type == "meta" for t in [*prior.parameters(), *prior.buffers()])
+    after = dict([*prior.named_parameters(), *prior.named_buffers()])
+    assert all(after[name].data.data_ptr() == t.data_ptr() for name, t in host.items())
+    with pytest.raises(RuntimeError, match="inside"), on_device(prior, "meta"):
+        raise RuntimeError("failure inside the block")
+    assert all(t.device.type == "cpu" for t in prior.parameters())  # restored on errors too
+
+
+def test_on_device_is_a_no_op_on_the_cpu_and_for_resident_models():
+    prior = tiny_prior()
+    before = [t.data_ptr() for t in prior.parameters()]
+    with on_device(prior, "cpu"):
+        assert [t.data_ptr() for t in prior.parameters()] == before
+    meta_prior = tiny_prior().to("meta")
+    with on_device(meta_prior, "meta"):  # already there: nothing moves
+        assert all(t.device.type == "meta" for t in meta_prior.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8 weight storage
+
+
+def test_fp8_storage_converts_only_linear_weights_and_computes_with_the_rounded_weights():
+    prior = tiny_prior()
+    linear = next(m for m in prior.modules() if type(m) is torch.nn.Linear)
+    rounded = linear.weight.detach().to(torch.float8_e4m3fn).float()
+    x = torch.randn(3, linear.in_features, generator=torch.Generator().manual_seed(0))
+    args = prior_inputs(prior)
+    with torch.no_grad():
+        store_linear_weights_in_fp8(prior)
+        assert torch.equal(linear(x), torch.nn.functional.linear(x, rounded, linear.bias))
+        assert torch.isfinite(prior(*args)).all()
+    linears = [m for m in prior.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is Fp8Linear and m.weight.dtype == torch.float8_e4m3fn for m in linears)
+    assert all(m.bias.dtype == torch.float32 for m in linears)
+    assert all(p.dtype == torch.float32 for n, p in prior.named_parameters() if "depthwise" in n)
+
+
+# ---------------------------------------------------------------------------------------------
+# fast mode (torch.compile)
+
+
+@pytest.mark.parametrize("make,inputs", [(tiny_prior, prior_inputs), (tiny_decoder, decoder_inputs)],
+                         ids=["prior", "decoder"])
+def test_networks_trace_as_one_graph(make, inputs):
+    """Fast mode compiles with fullgraph=True: any graph break (an in-place op, a Python-side branch on a
+    tensor) would make it fail. The 'eager' backend traces exactly like inductor but compiles nothing."""
+    net = make()
+    args = inputs(net)
+    with torch.inference_mode():
+        expected = net(*args)
+        got = torch.compile(net, backend="eager", fullgraph=True, dynamic=False)(*args)
+    assert torch.equal(got, expected)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    return write_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+def test_sampler_fast_mode_compiles_once_and_matches_eager(models_dir, monkeypatch):
+    """The real compile_model (inductor, on the CPU: no CUDA graphs) through the Stage C sampler node."""
+    host = StandaloneHost(str(models_dir), on_progress=lambda *a: None)
+    prior = loaders.LOAD_PRIOR.execute(host, FILES["prior"], "auto")[0]
+    text = loaders.LOAD_TEXT_ENCODER.execute(host, FILES["bigG"], "bigG (Stage C)", "auto")[0]
+    pos, neg = (conditioning.TEXT_ENCODE.execute(host, text, t)[0] for t in ("a red cube", ""))
+    latent = latents.EMPTY_LATENT.execute(host, 256, 256, 1).outputs[0]
+    calls = []
+    real = performance.compile_model
+    monkeypatch.setattr(performance, "compile_model", lambda *a, **k: calls.append(k) or real(*a, **k))
+
+    def run(fast):
+        return sampling.STAGE_C_SAMPLER.execute(host, prior, pos, neg, latent, seed=3, steps=2, cfg=4.0,
+                                                sampler="ddpm", denoise=1.0, fast_mode=fast)[0]["samples"]
+
+    eager = run(False)
+    assert calls == [] and prior.compiled is None
+    fast = run(True)
+    fast_again = run(True)
+    assert calls == [{"cuda_graphs": False}]  # compiled once, kept with the loaded model
+    assert torch.equal(fast, fast_again)
+    assert (fast - eager).abs().max() <= 1e-3 * eager.abs().max()  # inductor fuses and reorders float sums

@@ -9,6 +9,7 @@ and the channelwise Linears work on (x.permute(0, 2, 3, 1)) are contiguous and n
 its input between layouts. The blocks accept either layout; only speed depends on it.
 """
 
+import itertools
 import math
 
 import torch
@@ -83,15 +84,32 @@ def channelwise_mlp(c_in, c):
 
 
 class TimestepBlock(nn.Module):
-    """x * (1 + a) + b with (a, b) mapped from the r embedding."""
+    """x * (1 + a) + b with (a, b) = mapper(r embedding). The network maps the embedding for all its
+    TimestepBlocks at once (timestep_modulations) and hands each block its (1 + a, b)."""
 
     def __init__(self, c, c_r):
         super().__init__()
         self.mapper = nn.Linear(c_r, c * 2)
 
-    def forward(self, x, r_embed):
-        a, b = self.mapper(r_embed)[:, :, None, None].chunk(2, dim=1)
-        return torch.addcmul(b, x, 1 + a)
+    def forward(self, x, modulation):  # modulation: (1 + a, b), each [B, c, 1, 1]
+        scale, shift = modulation
+        return torch.addcmul(shift, x, scale)
+
+
+def timestep_modulations(blocks: list[TimestepBlock], r_embed: torch.Tensor) -> list[tuple]:
+    """(1 + a, b) of each TimestepBlock in `blocks`, from one GEMM over their stacked mappers: they all
+    read the same r embedding, and one Linear per block would cost two launches per block per step."""
+    dtype = r_embed.dtype
+    weight = torch.cat([b.mapper.weight for b in blocks]).to(dtype)  # .to: fp8-stored weights only
+    out = F.linear(r_embed, weight, torch.cat([b.mapper.bias for b in blocks]).to(dtype))  # [B, Σ 2c]
+    modulations, start = [], 0
+    for width, run in itertools.groupby(b.mapper.out_features for b in blocks):
+        n = len(list(run))
+        ab = out[:, start:start + n * width].unflatten(1, (n, 2, width // 2))[..., None, None]  # [B,n,(a|b),c,1,1]
+        ab[:, :, 0].add_(1)  # 1 + a, in place: one op per run of equally wide blocks
+        modulations += zip(ab[:, :, 0].unbind(1), ab[:, :, 1].unbind(1))
+        start += n * width
+    return modulations
 
 
 class ResBlock(nn.Module):

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, WrongComponentError
-from .common import LN_EPS, AttnBlock, LayerNorm2d, ResBlockStageB, TimestepBlock, r_embedding, state_shape
+from .common import (LN_EPS, AttnBlock, LayerNorm2d, ResBlockStageB, TimestepBlock, r_embedding, state_shape,
+                     timestep_modulations)
 
 HEAD_DIM = 64  # head counts are not stored in the weights; every Würstchen attention uses 64-d heads
 PATCH_SIZE = 2  # not recoverable from the weights either (only c_in * patch**2 is); all checkpoints use 2
@@ -139,6 +140,8 @@ class WuerstchenDecoder(nn.Module):
                 up.append(nn.Sequential(LayerNorm2d(), nn.ConvTranspose2d(ch[i], ch[i - 1], 2, stride=2)))
             self.up_blocks.append(nn.ModuleList(up))
         self.clf = nn.Sequential(LayerNorm2d(), nn.Conv2d(ch[0], 2 * cfg.c_out * p**2, 1), nn.PixelShuffle(p))
+        # in the order the forward visits them; a plain list (not registered twice)
+        self._timestep_blocks = [m for m in self.modules() if isinstance(m, TimestepBlock)]
 
     def forward(self, x, r, effnet, clip):
         """x [B,c_in,H,W], r [B] in [0,1], effnet [B,effnet_embd,h,w], clip [B,T,clip_embd] -> eps like x.
@@ -146,7 +149,8 @@ class WuerstchenDecoder(nn.Module):
         r is embedded in its own dtype (see WuerstchenPrior.forward) and the embedding cast to the
         model dtype; effnet may be float32 (it is resized in float32 and cast to the model dtype)."""
         dtype = self.embedding[1].weight.dtype  # a conv: never fp8-stored
-        r_embed = r_embedding(r, self.cfg.c_r).to(dtype)
+        films = self._timestep_blocks
+        modulations = dict(zip(films, timestep_modulations(films, r_embedding(r, self.cfg.c_r).to(dtype))))
         # the AttnBlocks' kv_mapper SiLU, once
         silu_clip = F.silu(F.layer_norm(self.clip_mapper(clip), (self.cfg.c_cond,), eps=LN_EPS))
         resized = {}  # effnet resized once per spatial size (NHWC), shared by the down and up levels
@@ -166,7 +170,7 @@ class WuerstchenDecoder(nn.Module):
                 if isinstance(block, ResBlockStageB):
                     h, encoder_skip = block(h, encoder_skip, effnet_skip), None
                 elif isinstance(block, TimestepBlock):
-                    h = block(h, r_embed)
+                    h = block(h, modulations[block])
                 elif isinstance(block, AttnBlock):
                     h = block(h, silu_clip)
                 else:  # up-sampler

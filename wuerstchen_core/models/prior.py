@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
-from .common import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, r_embedding, state_shape
+from .common import (AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, r_embedding, state_shape,
+                     timestep_modulations)
 
 HEAD_DIM = 64  # head count is not stored in the weights; every Würstchen attention uses 64-d heads
 
@@ -70,9 +71,9 @@ class WuerstchenPrior(nn.Module):
         gives the original (autocast) behaviour, r in the model's fp16 reproduces diffusers."""
         h = self.projection(x.contiguous(memory_format=torch.channels_last))  # see common.py: Layout
         silu_cond = F.silu(self.cond_mapper(clip))  # the AttnBlocks' kv_mapper SiLU, once
-        r_embed = r_embedding(r, self.cfg.c_r).to(h.dtype)
-        blocks = iter(self.blocks)
-        for res, film, attn in zip(blocks, blocks, blocks):
-            h = attn(film(res(h), r_embed), silu_cond)
+        films = self.blocks[1::3]
+        modulations = timestep_modulations(films, r_embedding(r, self.cfg.c_r).to(h.dtype))
+        for res, film, attn, modulation in zip(self.blocks[::3], films, self.blocks[2::3], modulations):
+            h = attn(film(res(h), modulation), silu_cond)
         a, b = self.out(h).contiguous().chunk(2, dim=1)
         return (x - a) / ((1 - b).abs() + 1e-5)

@@ -425,6 +425,25 @@ def test_text_to_image_example_runs_and_saves_an_image(server, t2i):
             assert im.size == (SIZE, SIZE), im.size
 
 
+def test_fast_mode_compiles_inside_comfyui(server, t2i):
+    """The samplers' fast_mode option: torch.compile (inductor, on this CPU) inside ComfyUI's executor,
+    which runs nodes under inference_mode. The image is the eager one up to inductor's float reordering."""
+    prompt, eager_entry = t2i
+    fast = _fresh_samplers(prompt, 0)
+    for nid in (_one(fast, "WuerstchenStageCSampler"), _one(fast, "WuerstchenStageBSampler")):
+        fast[nid]["inputs"]["fast_mode"] = True
+    fast[_one(fast, "SaveImage")]["inputs"]["filename_prefix"] = "fast_mode"
+    entry = server.run(fast)
+    assert entry["status"]["status_str"] == "success", \
+        f"{json.dumps(messages(entry).get('execution_error'), indent=1)[:4000]}\n{server.tail()}"
+    import numpy as np
+    from PIL import Image
+    (eager_file,), (fast_file,) = _saved_images(server, eager_entry), _saved_images(server, entry)
+    with Image.open(eager_file) as a, Image.open(fast_file) as b:
+        diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+    assert diff.mean() < 2 and (diff > 8).mean() < 0.01, (diff.mean(), (diff > 8).mean())  # saturated pixels may flip
+
+
 @pytest.mark.parametrize("name", [n for n in _example_names() if n != T2I_EXAMPLE])
 def test_example_workflow_runs(server, object_info, name):
     prompt = _tiny(to_api(_example(name), object_info))

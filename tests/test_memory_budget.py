@@ -93,7 +93,7 @@ def test_stage_a_decode_no_longer_dominates(public):
     activations before (traced, and measured on an H200), a 2048² one 4.13 GiB."""
     assert stage_peak(public, "vqgan", 1024) < 0.4 * GiB
     assert stage_peak(public, "vqgan", 2048) < 1.6 * GiB
-    assert stage_peak(public, "decoder", 1024) < 0.1 * GiB  # GELU and GRN in place
+    assert stage_peak(public, "decoder", 1024) < 0.12 * GiB  # GELU and GRN in place
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

@@ -77,6 +77,33 @@ def test_fp8_storage_converts_only_linear_weights_and_computes_with_the_rounded_
 
 
 # ---------------------------------------------------------------------------------------------
+# per-run conditioning
+
+
+def test_conditioning_prepared_once_gives_the_same_eps():
+    """What depends on the text/effnet alone (mapped text tokens, resized effnet, fused weights) is
+    computed once per sampling run; each step then gets exactly what the forward would compute."""
+    prior, decoder = tiny_prior(), tiny_decoder()
+    x, r, clip = prior_inputs(prior)
+    xb, rb, effnet, clip_b = decoder_inputs(decoder)
+    with torch.no_grad():
+        assert torch.equal(prior(x, r, cond=prior.condition(clip)), prior(x, r, clip))
+        cond = decoder.condition(effnet, clip_b, xb.shape[-2:])
+        assert torch.equal(decoder(xb, rb, cond=cond), decoder(xb, rb, effnet, clip_b))
+
+
+def test_cfg_denoiser_prepares_the_conditioning_once():
+    from wuerstchen_core.sampling import cfg_denoiser
+    prepared = []
+    eps_fn = cfg_denoiser(lambda x, r, k: x * k, {"c": torch.ones(1)}, {"c": torch.zeros(1)}, 4.0,
+                          prepare=lambda k: prepared.append(k["c"]) or k["c"][:, None])
+    for _ in range(3):
+        eps = eps_fn(torch.full((1, 2), 2.0), torch.ones(1))
+    assert len(prepared) == 1 and torch.equal(prepared[0], torch.tensor([1.0, 0.0]))  # cond then uncond
+    assert torch.equal(eps, torch.full((1, 2), 8.0))  # lerp(0, 2, 4)
+
+
+# ---------------------------------------------------------------------------------------------
 # fast mode (torch.compile)
 
 
@@ -89,8 +116,10 @@ def test_networks_trace_as_one_graph(make, inputs):
     args = inputs(net)
     with torch.inference_mode():
         expected = net(*args)
-        got = torch.compile(net, backend="eager", fullgraph=True, dynamic=False)(*args)
-    assert torch.equal(got, expected)
+        compiled = torch.compile(net, backend="eager", fullgraph=True, dynamic=False)
+        assert torch.equal(compiled(*args), expected)
+        cond = net.condition(args[-1]) if len(args) == 3 else net.condition(*args[2:], args[0].shape[-2:])
+        assert torch.equal(compiled(*args[:2], cond=cond), expected)  # as the pipeline calls it
 
 
 @pytest.fixture(scope="module")

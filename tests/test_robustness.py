@@ -394,7 +394,7 @@ def test_interrupted_generation_stops_at_once_and_the_models_still_work(small, t
     reference = pipeline.generate(prior, decoder, vqgan, *texts, "a cat", **kw)
     calls = []
     forward = decoder.forward
-    decoder.forward = lambda *a: calls.append(1) or forward(*a)
+    decoder.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
 
     def progress(stage, step, total):
         if stage == "Stage B" and step == 1:

@@ -192,7 +192,8 @@ def sample_stage_c(prior: nn.Module, cond: Tensor, uncond: Tensor | None = None,
         noise = NoiseSource(generators_for_seeds(seed_list), device, dt)
         c = {"clip": _batched(cond, batch, "The Stage C text embedding").to(device, dt)}
         u = {"clip": _batched(uncond, batch, "The Stage C negative embedding").to(device, dt)} if cfg > 1 else None
-        eps_fn = cfg_denoiser(lambda x, r, k: prior(x, r, k["clip"]), c, u, cfg)
+        eps_fn = cfg_denoiser(lambda x, r, k: prior(x, r, cond=k), c, u, cfg,
+                              prepare=lambda k: prior.condition(k["clip"]))
         x = noise(shape)
         x0 = None if latent is None else latent.to(device, dt)
         if x0 is not None:
@@ -250,7 +251,8 @@ def sample_stage_b(decoder: nn.Module, stage_c_latent: Tensor, cond: Tensor, unc
         if cfg > 1:
             u = {"clip": _batched(uncond, batch, "The Stage B negative embedding").to(device, dt),
                  "effnet": torch.zeros_like(c["effnet"])}
-        eps_fn = cfg_denoiser(lambda x, r, k: decoder(x, r, k["effnet"], k["clip"]), c, u, cfg)
+        eps_fn = cfg_denoiser(lambda x, r, k: decoder(x, r, cond=k), c, u, cfg,
+                              prepare=lambda k: decoder.condition(k["effnet"], k["clip"], shape[-2:]))
         x = noise(shape)
         x0 = None if latent is None else latent.to(device, dt)
         if x0 is not None:

@@ -61,18 +61,22 @@ def generators_for_seeds(seeds: list[int]) -> list[torch.Generator]:
 
 
 def cfg_denoiser(model_fn: ModelFn, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor],
-                 scale: float) -> Denoiser:
+                 scale: float, prepare: Callable | None = None) -> Denoiser:
     """Classifier-free guidance around `model_fn(x, r, cond_dict)`.
 
     scale > 1: one batched call on cat([x, x]) with every condition as cat([cond, uncond]) (the
     reference's batch order), then eps = lerp(uncond, cond, scale) = uncond + scale·(cond − uncond).
     scale ≤ 1: a single conditional call, as in the reference (guidance off, not scaled).
     Each dict holds tensors batched along dim 0 with the batch of x, e.g. Stage B passes
-    {"clip": ..., "effnet": ...} with zeros as its unconditional effnet.
+    {"clip": ..., "effnet": ...} with zeros as its unconditional effnet. `prepare(cond_dict)`, when
+    given, runs once here and model_fn gets its result instead of the dict (the network's per-run
+    conditioning, which would otherwise be recomputed at every step).
     """
+    prepare = prepare or (lambda k: k)
     if scale <= 1:
-        return lambda x, r: model_fn(x, r, cond)
-    both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+        prepared = prepare(cond)
+        return lambda x, r: model_fn(x, r, prepared)
+    both = prepare({k: torch.cat([cond[k], uncond[k]]) for k in cond})
 
     def eps_fn(x, r):
         eps_cond, eps_uncond = model_fn(torch.cat([x, x]), torch.cat([r, r]), both).chunk(2)

@@ -138,8 +138,15 @@ class ResBlockStageB(nn.Module):
         self.depthwise = nn.Conv2d(c, c, kernel_size, padding=kernel_size // 2, groups=c)
         self.channelwise = channelwise_mlp(c + c_skip, c)
 
+    def fuse_effnet(self, mapper: nn.Conv2d, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_eff·M [4c, e], b + W_eff·m): the first Linear's effnet columns W_eff composed with the
+        level's 1×1 effnet mapper (M, m), in the compute dtype (fp32 accumulation on GPUs)."""
+        linear = self.channelwise[0]
+        w_eff = linear.weight[:, -mapper.out_channels:].to(dtype)  # .to: fp8-stored weights only
+        return w_eff @ mapper.weight.flatten(1), torch.addmv(linear.bias, w_eff, mapper.bias)
+
     def forward(self, x, skip=None, effnet=None):
-        """x, skip: [B,C,H,W] maps. effnet: (features [B,H,W,e] NHWC, mapper Conv2d(e->c_eff, 1x1)) or None.
+        """x, skip: [B,C,H,W] maps. effnet: (features [B,H,W,e] NHWC, *fuse_effnet(level mapper)) or None.
 
         The reference maps the effnet features to c_eff channels and feeds them to the first Linear.
         Both are linear per pixel, so here the e-channel features go through the product of the two
@@ -150,13 +157,10 @@ class ResBlockStageB(nn.Module):
         linear, gelu, grn, _, out = self.channelwise
         if effnet is None:
             h = linear(h)
-        else:  # two small products per call, in the compute dtype (fp32 accumulation on GPUs); no casts
-            e, mapper = effnet
-            w = linear.weight.to(h.dtype)  # a no-op unless the weight is stored in fp8
-            w_eff = w[:, h.shape[-1]:]
-            w_fused = w_eff @ mapper.weight.flatten(1)  # [4c, e]
-            bias = torch.addmv(linear.bias, w_eff, mapper.bias)
-            y = F.linear(e.flatten(0, 2), w_fused, bias).addmm_(h.flatten(0, 2), w[:, : h.shape[-1]].t())
+        else:
+            e, w_fused, bias = effnet
+            w = linear.weight[:, : h.shape[-1]].to(h.dtype)  # .to: fp8-stored weights only
+            y = F.linear(e.flatten(0, 2), w_fused, bias).addmm_(h.flatten(0, 2), w.t())
             h = y.view(*h.shape[:-1], -1)
         return x + out(grn(gelu(h))).permute(0, 3, 1, 2)
 
@@ -190,9 +194,12 @@ class AttnBlock(nn.Module):
         self.attention = Attention(c, nhead)
         self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c))
 
-    def forward(self, x, silu_cond):
-        """x [B,C,H,W]; silu_cond = SiLU(cond) [B,T,c_cond], which is the same for every AttnBlock of a
-        network, so the network applies the kv_mapper's SiLU once per forward instead of per block."""
+    def map_condition(self, silu_cond):
+        """SiLU(cond) [B,T,c_cond] -> the [B,T,C] tokens the image attends to besides itself. The network
+        applies the SiLU once for all its AttnBlocks and maps the conditioning once per sampling run."""
+        return self.kv_mapper[1](silu_cond)
+
+    def forward(self, x, cond_tokens):  # x [B,C,H,W], cond_tokens = map_condition(SiLU(cond)) [B,T,C]
         tokens = F.layer_norm(x.flatten(2).transpose(1, 2), x.shape[1:2], eps=LN_EPS)  # [B,HW,C]
-        kv = torch.cat([tokens, self.kv_mapper[1](silu_cond)], dim=1)
+        kv = torch.cat([tokens, cond_tokens], dim=1)
         return x + self.attention(tokens, kv).transpose(1, 2).reshape(x.shape)

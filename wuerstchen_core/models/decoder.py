@@ -143,36 +143,46 @@ class WuerstchenDecoder(nn.Module):
         # in the order the forward visits them; a plain list (not registered twice)
         self._timestep_blocks = [m for m in self.modules() if isinstance(m, TimestepBlock)]
 
-    def forward(self, x, r, effnet, clip):
-        """x [B,c_in,H,W], r [B] in [0,1], effnet [B,effnet_embd,h,w], clip [B,T,clip_embd] -> eps like x.
-
-        r is embedded in its own dtype (see WuerstchenPrior.forward) and the embedding cast to the
-        model dtype; effnet may be float32 (it is resized in float32 and cast to the model dtype)."""
+    def condition(self, effnet, clip, grid) -> list:
+        """What the forward derives from the conditioning alone, for a Stage B latent grid (H, W): per
+        AttnBlock the [B,T,c_cond] text tokens it attends to, per effnet-injected ResBlock the effnet map
+        resized to its level (NHWC, in the model dtype) with the block's fused weights; one entry per
+        such block in the order the forward visits them. A sampler computes it once per run
+        (forward's `cond`); effnet may be float32 (it is resized in float32)."""
         dtype = self.embedding[1].weight.dtype  # a conv: never fp8-stored
-        films = self._timestep_blocks
-        modulations = dict(zip(films, timestep_modulations(films, r_embedding(r, self.cfg.c_r).to(dtype))))
-        # the AttnBlocks' kv_mapper SiLU, once
         silu_clip = F.silu(F.layer_norm(self.clip_mapper(clip), (self.cfg.c_cond,), eps=LN_EPS))
-        resized = {}  # effnet resized once per spatial size (NHWC), shared by the down and up levels
-
-        def effnet_cond(index, h):  # (features, mapper) for the level's ResBlocks, which apply the mapper
+        n, resized, out = len(self.down_blocks), {}, []
+        for index, level in enumerate([*self.down_blocks, *self.up_blocks]):
+            depth = index if index < n else 2 * n - 1 - index
+            size = (grid[0] // self.cfg.patch_size >> depth, grid[1] // self.cfg.patch_size >> depth)
             mapper = self.effnet_mappers[index]
-            if mapper is None:
-                return None
-            size = tuple(h.shape[-2:])
-            if size not in resized:
+            if mapper is not None and size not in resized:  # once per size, shared by down and up levels
                 resized[size] = F.interpolate(effnet.float(), size=size, mode="bicubic", antialias=True,
                                               align_corners=True).to(dtype).permute(0, 2, 3, 1).contiguous()
-            return resized[size], mapper
+            for block in level:
+                if isinstance(block, AttnBlock):
+                    out.append(block.map_condition(silu_clip))
+                elif isinstance(block, ResBlockStageB) and mapper is not None:
+                    out.append((resized[size], *block.fuse_effnet(mapper, dtype)))
+        return out
 
-        def run(blocks, h, encoder_skip, effnet_skip):  # the encoder map feeds only the level's first ResBlock
+    def forward(self, x, r, effnet=None, clip=None, cond=None):
+        """x [B,c_in,H,W], r [B] in [0,1], effnet [B,effnet_embd,h,w], clip [B,T,clip_embd] (or cond =
+        condition(effnet, clip, x's grid)) -> eps like x. r is embedded in its own dtype (see
+        WuerstchenPrior.forward) and the embedding cast to the model dtype."""
+        dtype = self.embedding[1].weight.dtype
+        films = self._timestep_blocks
+        modulations = dict(zip(films, timestep_modulations(films, r_embedding(r, self.cfg.c_r).to(dtype))))
+        per_block = iter(self.condition(effnet, clip, x.shape[-2:]) if cond is None else cond)
+
+        def run(blocks, h, encoder_skip, injected):  # the encoder map feeds only the level's first ResBlock
             for block in blocks:
                 if isinstance(block, ResBlockStageB):
-                    h, encoder_skip = block(h, encoder_skip, effnet_skip), None
+                    h, encoder_skip = block(h, encoder_skip, next(per_block) if injected else None), None
                 elif isinstance(block, TimestepBlock):
                     h = block(h, modulations[block])
                 elif isinstance(block, AttnBlock):
-                    h = block(h, silu_clip)
+                    h = block(h, next(per_block))
                 else:  # up-sampler
                     h = block(h)
             return h
@@ -183,9 +193,9 @@ class WuerstchenDecoder(nn.Module):
             blocks = iter(level)
             if i:
                 h = next(blocks)(h)  # down-sampler
-            h = run(blocks, h, None, effnet_cond(i, h))
+            h = run(blocks, h, None, self.effnet_mappers[i] is not None)
             encoder_outs.insert(0, h)  # deepest first
         for u, level in enumerate(self.up_blocks):
-            h = run(level, h, encoder_outs[u] if u else None, effnet_cond(n + u, h))
+            h = run(level, h, encoder_outs[u] if u else None, self.effnet_mappers[n + u] is not None)
         a, b = self.clf(h).contiguous().chunk(2, dim=1)
         return (x - a) / (b.sigmoid() * (1 - 2e-3) + 1e-3)

@@ -7,7 +7,8 @@ preset with CFG 4 (batch 2 per image), Stage B 12 steps without CFG, Stage A dec
     python bench/gpu_bench.py --tiny --out DIR     # the same code paths with tiny models (CPU ok)
 
 Prints a table per section and writes DIR/gpu_bench.json. Sections that would overrun --budget-s
-are skipped and say so. diffusers is needed only for the "diffusers" rows (test-only reference).
+are skipped and say so; all of them take about 5.5 minutes on an H200, most of it the two compiles of
+fast mode (batch 1 and batch 8). diffusers is needed only for the "diffusers" rows (test-only reference).
 """
 
 import argparse
@@ -183,7 +184,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tiny", action="store_true", help="tiny models (a CPU dry run of every code path)")
-    ap.add_argument("--budget-s", type=float, default=430.0, help="skip sections that would start after this")
+    ap.add_argument("--budget-s", type=float, default=450.0, help="skip sections that would end after this")
     ap.add_argument("--skip", default="", help="comma-separated section names to skip")
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -204,7 +205,7 @@ def main():
         with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
             json.dump(results, f, indent=1, default=str)
 
-    def section(name, est_s):
+    def section(name, est_s):  # est_s: the section's seconds on the H200 (bench/results_h200), rounded up
         if name in skip:
             log(f"SKIP {name} (--skip)")
             return False
@@ -235,7 +236,9 @@ def main():
     except ImportError as e:
         log("diffusers unavailable:", e)
 
-    def step_fns(net_c, net_b, size, batch):
+    def step_fns(net_c, net_b, size, batch, prepared=True):
+        """One Stage C and one Stage B step; prepared: as the pipeline calls ours, with the per-run
+        conditioning computed once (diffusers' modules take the raw conditioning every step)."""
         hc = wp.stage_c_grid(size, size)
         hb = wp.stage_b_grid(*hc)
         xc = torch.randn(2 * batch, pc.c_in, *hc, device=device, dtype=dtype)
@@ -245,9 +248,13 @@ def main():
         rb = torch.full((batch,), 0.7, device=device, dtype=dtype)
         eb = torch.randn(batch, dc.effnet_embd, *hc, device=device, dtype=dtype)
         cb = torch.randn(batch, 77, dc.clip_embd, device=device, dtype=dtype)
-        return (lambda: net_c(xc, rc, cc)), (lambda: net_b(xb, rb, eb, cb))
+        if not prepared:
+            return (lambda: net_c(xc, rc, cc)), (lambda: net_b(xb, rb, eb, cb))
+        with torch.no_grad():
+            cond_c, cond_b = net_c.condition(cc), net_b.condition(eb, cb, hb)
+        return (lambda: net_c(xc, rc, cond=cond_c)), (lambda: net_b(xb, rb, cond=cond_b))
 
-    if section("step_sweep", 60 if not tiny else 5):
+    if section("step_sweep", 30 if not tiny else 5):
         rows = []
         combos = [(base, b) for b in (1, 2, 4, 8)] + [(s, 1) for s in sizes[1:]]
         with torch.no_grad():
@@ -256,8 +263,7 @@ def main():
                 row = dict(size=size, batch=batch, c_ms=timed(fc, device, 5) * 1e3, b_ms=timed(fb, device, 5) * 1e3,
                            c_tflop=flops_of(fc) / 1e12, b_tflop=flops_of(fb) / 1e12)
                 if ref_run is not None:
-                    rc_, rb_ = step_fns(lambda x, r, c: ref_prior(x, r, c), lambda x, r, e, c: ref_decoder(x, r, e, c),
-                                        size, batch)
+                    rc_, rb_ = step_fns(ref_prior, ref_decoder, size, batch, prepared=False)
                     row.update(ref_c_ms=timed(rc_, device, 5) * 1e3, ref_b_ms=timed(rb_, device, 5) * 1e3)
                 row["c_tflops"] = row["c_tflop"] / row["c_ms"] * 1e3
                 row["b_tflops"] = row["b_tflop"] / row["b_ms"] * 1e3
@@ -268,7 +274,7 @@ def main():
         save()
 
     # ---- end to end, eager, all resident: ours vs diffusers alternating
-    if section("e2e_eager", 60 if not tiny else 10):
+    if section("e2e_eager", 40 if not tiny else 10):
         rows = []
         for size in sizes[:2]:
             box, ref_box = {}, {}
@@ -337,11 +343,11 @@ def main():
         free(device)
         save()
 
-    if section("low_vram", 60 if not tiny else 10):
+    if section("low_vram", 30 if not tiny else 10):
         measure_low_vram("low_vram", m)
 
     # ---- batch throughput, eager
-    if section("e2e_batch", 60 if not tiny else 10):
+    if section("e2e_batch", 45 if not tiny else 10):
         rows = []
         for batch in (2, 4, 8):
             box = {}
@@ -355,7 +361,7 @@ def main():
         save()
 
     # ---- 2048² with tiled Stage A
-    if section("e2e_2048_tiled", 40 if not tiny else 10):
+    if section("e2e_2048_tiled", 15 if not tiny else 10):
         box = {}
         big = sizes[-1]
         tile = 128 if not tiny else 32
@@ -368,7 +374,7 @@ def main():
         save()
 
     # ---- bf16
-    if section("e2e_bf16", 30 if not tiny else 5) and device.type == "cuda":
+    if section("e2e_bf16", 15 if not tiny else 5) and device.type == "cuda":
         mb = {k: (v.to(torch.bfloat16) if isinstance(v, torch.nn.Module) else v) for k, v in m.items()}
         for k in ("text_c", "text_b"):
             mb[k].model.to(torch.bfloat16)
@@ -380,14 +386,14 @@ def main():
             (v if isinstance(v, torch.nn.Module) else v.model).to(dtype)
         save()
 
-    if section("low_vram_fp8", 40 if not tiny else 10):
+    if section("low_vram_fp8", 25 if not tiny else 10):
         # fresh Stage B/C copies with fp8-stored Linear weights; text encoders and VQGAN shared
         measure_low_vram("low_vram_fp8", dict(
             m, prior=store_linear_weights_in_fp8(build(WuerstchenPrior, pc, device, dtype, 1)),
             decoder=store_linear_weights_in_fp8(build(WuerstchenDecoder, dc, device, dtype, 2))))
 
     # ---- fast mode (compiled, CUDA graphs)
-    if section("fast_mode", 200 if not tiny else 60):
+    if section("fast_mode", 130 if not tiny else 60):
         t0 = time.perf_counter()
         fast = dict(m, prior=compile_model(m["prior"], device.type == "cuda"),
                     decoder=compile_model(m["decoder"], device.type == "cuda"))
@@ -401,7 +407,7 @@ def main():
         results["sections"]["fast_mode"] = [row]
         log(row)
         save()
-        if section("fast_mode_b8", 150 if not tiny else 60):
+        if section("fast_mode_b8", 100 if not tiny else 60):
             t0 = time.perf_counter()
             ours_generate(fast, base, 8)
             compile_s = time.perf_counter() - t0

@@ -22,6 +22,7 @@ from wuerstchen_core.errors import (CheckpointError, SizeError, StageMismatchErr
 from wuerstchen_core.loading import load_prior, load_text_encoder, to_original_state_dict
 from wuerstchen_core.memory import InsufficientMemoryError, MemoryEstimate, check_fits, translate_oom
 from wuerstchen_core.models import DecoderConfig, PriorConfig, VQGANConfig
+from wuerstchen_core.performance import store_linear_weights_in_fp8
 
 GiB = 2**30
 
@@ -280,6 +281,18 @@ class _Overflow(nn.Module):
 
     def forward(self, x):
         return x * self.w
+
+
+def test_fp16_overflow_fallback_keeps_fp8_weight_storage():
+    m = nn.Sequential(nn.Linear(4, 4), _Overflow()).half()
+    store_linear_weights_in_fp8(m)
+    w8 = m[0].weight.detach().clone()
+    with pytest.warns(RuntimeWarning, match="overflowed in float16"):
+        out = pipeline.run_with_dtype_fallback(lambda dt: m(torch.full((1, 4), 100.0, dtype=dt)), m, "Stage T")
+    assert torch.isfinite(out).all()
+    assert m[0].weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(m[0].weight.view(torch.uint8), w8.view(torch.uint8))
+    assert m[0].bias.dtype == m[1].w.dtype == torch.float16
 
 
 def test_fp16_overflow_is_rerun_in_bf16_and_the_weights_are_restored():

@@ -55,17 +55,28 @@ def on_device(model: nn.Module, device):
         for t in tensors:
             if t.device.type == "cpu" and not t.is_pinned():
                 t.data = t.data.pin_memory()
-    # every parameter/buffer slot with its tensor object and that object's host data: Module.to either
-    # swaps the data of the same object (CPU -> CUDA) or puts a new object in the slot (other devices)
-    home = [(table, name, t, t.data) for m in model.modules() for table in (m._parameters, m._buffers)
-            for name, t in table.items() if t is not None]
+    slots = tensor_slots(model)
+    home = [t.data for _, _, t in slots]
     try:
         model.to(device, non_blocking=True)
         yield model
     finally:
-        for table, name, t, data in home:
-            t.data = data
-            table[name] = t
+        restore_slots(slots, home)
+
+
+def tensor_slots(model: nn.Module) -> list[tuple[dict, str, torch.Tensor]]:
+    """Every parameter and buffer slot of `model`: (its module's dict, name, the tensor there now).
+    Module.to() either swaps a tensor's data in place (parameters between CPU and CUDA) or puts a new
+    tensor in the slot (buffers, other devices); restore_slots undoes both."""
+    return [(table, name, t) for m in model.modules() for table in (m._parameters, m._buffers)
+            for name, t in table.items() if t is not None]
+
+
+def restore_slots(slots, data) -> None:
+    """Put each slot's original tensor object back, holding `data` (one tensor per slot)."""
+    for (table, name, t), d in zip(slots, data):
+        t.data = d
+        table[name] = t
 
 
 def compile_model(model: nn.Module, cuda_graphs: bool = True) -> nn.Module:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from . import memory
 from .errors import SizeError, StageMismatchError, WuerstchenError
 from .models.effnet import encode_stage_c
+from .performance import restore_slots, tensor_slots
 from .sampling import NoiseSource, cfg_denoiser, generators_for_seeds, noise_to, sample
 from .schedule import check_timesteps, linear_timesteps, stage_c_preset, truncate_for_denoise
 from .sizes import check_stage_b_grid, image_size_for_stage_c, snap_size, stage_b_grid, stage_c_grid
@@ -120,8 +121,9 @@ def run_with_dtype_fallback(fn: Callable[[torch.dtype], Tensor], module: nn.Modu
     """Run `fn(dtype)` with `module` in its own dtype and return the (finite) result.
 
     When a float16 run yields NaN/inf (activations overflowing 65504), warn and rerun it once with the
-    module cast to bfloat16 (float32 where bfloat16 is unsupported), then restore the module's float16
-    weights exactly. A non-finite result in any other dtype raises a WuerstchenError.
+    module cast to bfloat16 (float32 where bfloat16 is unsupported), then restore the module's weights
+    exactly, in their own dtypes (float16, or float8 where Linear weights are stored in fp8). A
+    non-finite result in any other dtype raises a WuerstchenError.
     """
     p = compute_param(module)
     dtype = p.dtype
@@ -134,13 +136,13 @@ def run_with_dtype_fallback(fn: Callable[[torch.dtype], Tensor], module: nn.Modu
     fallback = _fallback_dtype(p.device)
     warnings.warn(f"{stage} overflowed in float16 (NaN/inf); rerunning it in {fallback}. "
                   "Use bf16 or fp32 for this model to avoid the second run.", RuntimeWarning, stacklevel=3)
-    saved = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}  # bf16 is lossy
+    slots = tensor_slots(module)
+    saved = [(t.detach().to("cpu", copy=True), t.device) for _, _, t in slots]  # the cast to bf16 is lossy
     module.to(fallback)
     try:
         out = fn(fallback)
     finally:
-        module.to(dtype)
-        module.load_state_dict(saved)
+        restore_slots(slots, [data.to(device) for data, device in saved])
     if not bool(torch.isfinite(out).all()):
         raise WuerstchenError(f"{stage} produced NaN/inf values in float16 and again in {fallback}; "
                               "expected finite values (the weights or the input latent are probably damaged).")

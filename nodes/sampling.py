@@ -78,7 +78,8 @@ def _sample_c(host, prior, positive, negative, latent, seed, steps, cfg, sampler
     device = host.load(prior, activations=_activations("prior", prior, batch, x.shape[-2:], cfg > 1))
     with torch.inference_mode():
         out = pipeline.sample_stage_c(
-            _network(host, prior, device, fast_mode), cond.to(device, dtype), uncond.to(device, dtype) if cfg > 1 else None,
+            _network(host, prior, device, fast_mode), cond.to(device, dtype),
+            uncond.to(device, dtype) if cfg > 1 else None,
             latent=None if from_noise else x.to(device, dtype), height=height, width=width,
             seeds=seeds_for(latent, seed, batch), steps=steps or None, cfg=cfg, sampler=sampler, denoise=denoise,
             mask=None if m is None else m.to(device, dtype), callback=_reporter(host, stage_c_preview))
@@ -140,7 +141,8 @@ def _sample_b(host, decoder, positive, negative, stage_c, seed, steps, cfg, samp
     preview = None if vqgan_for_preview is None else lambda x0: stage_b_preview(vqgan_for_preview.model, x0)
     with torch.inference_mode():
         out = pipeline.sample_stage_b(
-            _network(host, decoder, device, fast_mode), effnet.to(device, dtype), cond.to(device, dtype), uncond.to(device, dtype) if cfg > 1 else None,
+            _network(host, decoder, device, fast_mode), effnet.to(device, dtype), cond.to(device, dtype),
+            uncond.to(device, dtype) if cfg > 1 else None,
             seeds=seeds, steps=steps, cfg=cfg, sampler=sampler, denoise=denoise,
             latent=None if x0 is None else x0.to(device, dtype), mask=None if m is None else m.to(device, dtype),
             callback=_reporter(host, preview))

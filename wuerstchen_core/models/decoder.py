@@ -154,7 +154,7 @@ class WuerstchenDecoder(nn.Module):
         n, resized, out = len(self.down_blocks), {}, []
         for index, level in enumerate([*self.down_blocks, *self.up_blocks]):
             depth = index if index < n else 2 * n - 1 - index
-            size = (grid[0] // self.cfg.patch_size >> depth, grid[1] // self.cfg.patch_size >> depth)
+            size = ((grid[0] // self.cfg.patch_size) >> depth, (grid[1] // self.cfg.patch_size) >> depth)
             mapper = self.effnet_mappers[index]
             if mapper is not None and size not in resized:  # once per size, shared by down and up levels
                 resized[size] = F.interpolate(effnet.float(), size=size, mode="bicubic", antialias=True,

@@ -63,9 +63,10 @@ class GlobalResponseNorm(nn.Module):
 
     def forward(self, x):
         g = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # [B,1,1,C]
-        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
+        d = g.mean(dim=-1, keepdim=True) + 1e-6
+        scale = torch.addcmul(d, self.gamma, g).div_(d)  # 1 + gamma * g / d, in three small ops
         # gamma * (x * n) + beta + x in one pass; in place when nothing records autograd (see GELU)
-        return torch.addcmul(self.beta, x, self.gamma * n + 1, out=None if torch.is_grad_enabled() else x)
+        return torch.addcmul(self.beta, x, scale, out=None if torch.is_grad_enabled() else x)
 
 
 class GELU(nn.GELU):

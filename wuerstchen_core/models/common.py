@@ -101,7 +101,8 @@ def timestep_modulations(blocks: list[TimestepBlock], r_embed: torch.Tensor) -> 
     """(1 + a, b) of each TimestepBlock in `blocks`, from one GEMM over their stacked mappers: they all
     read the same r embedding, and one Linear per block would cost two launches per block per step."""
     dtype = r_embed.dtype
-    weight = torch.cat([b.mapper.weight for b in blocks]).to(dtype)  # .to: fp8-stored weights only
+    # cast before the cat: a no-op in the compute dtype, and float8 cat is not implemented on every device
+    weight = torch.cat([b.mapper.weight.to(dtype) for b in blocks])
     out = F.linear(r_embed, weight, torch.cat([b.mapper.bias for b in blocks]).to(dtype))  # [B, Σ 2c]
     modulations, start = [], 0
     for width, run in itertools.groupby(b.mapper.out_features for b in blocks):

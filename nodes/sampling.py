@@ -1,8 +1,10 @@
 """The two sampler nodes: Stage C "prior sampling" and Stage B "decoding"."""
 
+import contextlib
+
 import torch
 
-from wuerstchen_core import memory, pipeline, sizes
+from wuerstchen_core import memory, performance, pipeline, sizes
 from wuerstchen_core.errors import StageMismatchError
 from wuerstchen_core.sampling import SAMPLERS
 
@@ -60,6 +62,10 @@ def _network(host, loaded, device, fast_mode):
     return host.fast_model(loaded, device) if fast_mode else loaded.model
 
 
+def _compile_errors(where, fast_mode):
+    return performance.compile_errors(where) if fast_mode else contextlib.nullcontext()
+
+
 def _sample_c(host, prior, positive, negative, latent, seed, steps, cfg, sampler, denoise, mask=None,
               fast_mode=False):
     where = "Würstchen Stage C Sampler"
@@ -76,7 +82,7 @@ def _sample_c(host, prior, positive, negative, latent, seed, steps, cfg, sampler
     height, width = size or (None, None)
     dtype = prior.dtype
     device = host.load(prior, activations=_activations("prior", prior, batch, x.shape[-2:], cfg > 1))
-    with torch.inference_mode():
+    with torch.inference_mode(), _compile_errors(where, fast_mode):
         out = pipeline.sample_stage_c(
             _network(host, prior, device, fast_mode), cond.to(device, dtype),
             uncond.to(device, dtype) if cfg > 1 else None,
@@ -139,7 +145,7 @@ def _sample_b(host, decoder, positive, negative, stage_c, seed, steps, cfg, samp
     device = host.load(decoder, vqgan_for_preview,
                        activations=_activations("decoder", decoder, batch, effnet.shape[-2:], cfg > 1))
     preview = None if vqgan_for_preview is None else lambda x0: stage_b_preview(vqgan_for_preview.model, x0)
-    with torch.inference_mode():
+    with torch.inference_mode(), _compile_errors(where, fast_mode):
         out = pipeline.sample_stage_b(
             _network(host, decoder, device, fast_mode), effnet.to(device, dtype), cond.to(device, dtype),
             uncond.to(device, dtype) if cfg > 1 else None,

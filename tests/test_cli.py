@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from tests.helpers.tiny_models import tiny_decoder, tiny_prior, tiny_vqgan
 from tests.helpers.tiny_text import tiny_text_model
-from wuerstchen_core import cli
+from wuerstchen_core import cli, performance
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEXT_WIDTH = 128  # tiny CLIP towers
@@ -172,6 +172,20 @@ def test_low_vram_and_fp8_write_a_valid_png(capsys, repos, tmp_path, flag):
     assert image.size == (256, 384) and image.mode == "RGB"
     assert json.loads(image.text["wuerstchen"])["fp8"] is (flag == "--fp8")
     assert len(set(image.getdata())) > 1  # a picture, not one flat colour from NaNs
+
+
+def test_fast_without_a_working_compiler_is_one_error_line(capsys, repos, tmp_path, monkeypatch):
+    def no_compiler(gm, example_inputs):
+        raise RuntimeError("no working C++ compiler found")
+
+    monkeypatch.setattr(performance, "compile_model",
+                        lambda model, cuda_graphs: torch.compile(model, backend=no_compiler))
+    code, _, err = _main(capsys, "generate", "--prior", str(repos[0]), "--decoder", str(repos[1]), "--prompt", "a cat",
+                         "--width", "256", "--height", "256", "--prior-steps", "1", "--decoder-steps", "1",
+                         "--device", "cpu", "--output", str(tmp_path / "fast.png"), "--fast")
+    _one_line_error(code, err)
+    assert err.startswith("error: --fast: fast mode could not compile the network") and "C++ compiler found" in err
+    assert not (tmp_path / "fast.png").exists()
 
 
 def test_speed_flags_parse_and_fast_is_documented():

@@ -11,6 +11,7 @@ from nodes.host import StandaloneHost
 from tests.helpers.tiny_models import tiny_decoder, tiny_prior
 from tests.helpers.tiny_pack import FILES, write_tiny_models
 from wuerstchen_core import performance
+from wuerstchen_core.errors import WuerstchenError
 from wuerstchen_core.performance import Fp8Linear, on_device, store_linear_weights_in_fp8
 
 
@@ -149,3 +150,26 @@ def test_sampler_fast_mode_compiles_once_and_matches_eager(models_dir, monkeypat
     assert calls == [{"cuda_graphs": False}]  # compiled once, kept with the loaded model
     assert torch.equal(fast, fast_again)
     assert (fast - eager).abs().max() <= 1e-3 * eager.abs().max()  # inductor fuses and reorders float sums
+
+
+def test_a_failing_compile_is_one_clear_error_naming_the_node(models_dir, monkeypatch):
+    """No Triton, no C++ compiler: torch.compile fails at the first call; the node says so in a sentence."""
+    def no_compiler(gm, example_inputs):
+        raise RuntimeError("no working C++ compiler found")
+
+    monkeypatch.setattr(performance, "compile_model",
+                        lambda model, cuda_graphs: torch.compile(model, backend=no_compiler))
+    host = StandaloneHost(str(models_dir), on_progress=lambda *a: None)
+    prior = loaders.LOAD_PRIOR.execute(host, FILES["prior"], "auto")[0]
+    text = loaders.LOAD_TEXT_ENCODER.execute(host, FILES["bigG"], "bigG (Stage C)", "auto")[0]
+    pos = conditioning.TEXT_ENCODE.execute(host, text, "a red cube")[0]
+    latent = latents.EMPTY_LATENT.execute(host, 256, 256, 1).outputs[0]
+    with pytest.raises(WuerstchenError) as e:
+        sampling.STAGE_C_SAMPLER.execute(host, prior, pos, pos, latent, seed=3, steps=1, cfg=4.0, sampler="ddpm",
+                                         denoise=1.0, fast_mode=True)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("Würstchen Stage C Sampler: fast mode could not compile")
+    assert "no working C++ compiler found" in msg and msg.endswith("or turn fast mode off.")
+    out = sampling.STAGE_C_SAMPLER.execute(host, prior, pos, pos, latent, seed=3, steps=1, cfg=4.0, sampler="ddpm",
+                                           denoise=1.0, fast_mode=False)[0]  # eager still works
+    assert torch.isfinite(out["samples"]).all()

@@ -215,7 +215,8 @@ def generate(args) -> int:
         settings.pop("denoise")
     else:
         settings["image"] = args.image
-    images = _sample(args, prior, decoder, vqgan, prior_text, decoder_text, seed, decoder_seed, device, progress)
+    with performance.compile_errors("--fast") if args.fast else contextlib.nullcontext():
+        images = _sample(args, prior, decoder, vqgan, prior_text, decoder_text, seed, decoder_seed, device, progress)
     for i, (image, path) in enumerate(zip(images, outputs)):
         _save_png(image, path, settings | {"seed": seed + i, "decoder_seed": decoder_seed + i})
         print(path)

@@ -79,6 +79,24 @@ def restore_slots(slots, data) -> None:
         table[name] = t
 
 
+@contextlib.contextmanager
+def compile_errors(where: str):
+    """Turn a torch.compile failure inside the block (it surfaces at the first call of a compiled
+    model) into one clear WuerstchenError naming `where`."""
+    try:
+        yield
+    except RuntimeError as e:
+        from torch._dynamo.exc import TorchDynamoException
+        if not isinstance(e, TorchDynamoException):
+            raise
+        cause = getattr(e, "inner_exception", None) or e  # what the compiler backend raised
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        found = f"{type(cause).__name__}: {lines[0] if lines else 'no message'}"
+        raise WuerstchenError(f"{where}: fast mode could not compile the network with torch.compile ({found}); "
+                              "expected a working torch.compile (Triton on NVIDIA GPUs, a C++ compiler on the CPU), "
+                              "or turn fast mode off.") from None
+
+
 def compile_model(model: nn.Module, cuda_graphs: bool = True) -> nn.Module:
     """The pack's fast mode: compile the forward for static shapes.
 

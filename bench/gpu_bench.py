@@ -254,6 +254,37 @@ def main():
             cond_c, cond_b = net_c.condition(cc), net_b.condition(eb, cb, hb)
         return (lambda: net_c(xc, rc, cond=cond_c)), (lambda: net_b(xb, rb, cond=cond_b))
 
+    # ---- one image stage by stage: low-VRAM (each model on the device only for its stage) or resident
+    @contextlib.contextmanager
+    def stage(name, model, low_vram, stats):
+        """on_device for low-VRAM; with `stats`, record the stage's seconds, peak and resident memory."""
+        if stats is not None:
+            sync(device)
+            resident = resident_gib(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+        with (on_device(model, device) if low_vram else contextlib.nullcontext(model)) as placed:
+            yield placed
+        if stats is not None:
+            sync(device)
+            stats[name] = dict(s=round(time.perf_counter() - t, 4), resident_before_gib=round(resident, 3),
+                               peak_gib=round(torch.cuda.max_memory_allocated() / GiB, 3) if device.type == "cuda"
+                               else None)
+
+    def staged_generate(models, size, low_vram=True, stats=None):
+        text_c, text_b = models["text_c"], models["text_b"]
+        with stage("text bigG", text_c.model, low_vram, stats):
+            cond_c, unc_c = text_c.encode([PROMPT]), text_c.encode([""])
+        with stage("Stage C", models["prior"], low_vram, stats) as prior:
+            c = wp.sample_stage_c(prior, cond_c, unc_c, height=size, width=size, seeds=[0], cfg=4.0, device=device)
+        with stage("text H", text_b.model, low_vram, stats):
+            cond_b = text_b.encode([PROMPT])
+        with stage("Stage B", models["decoder"], low_vram, stats) as decoder:
+            b = wp.sample_stage_b(decoder, c, cond_b, seeds=[0], device=device)
+        with stage("Stage A", models["vqgan"], low_vram, stats) as vq:
+            return wp.decode_stage_a(vq, b)
+
     if section("step_sweep", 30 if not tiny else 5):
         rows = []
         combos = [(base, b) for b in (1, 2, 4, 8)] + [(s, 1) for s in sizes[1:]]
@@ -288,7 +319,10 @@ def main():
                 if ref_run is not None:
                     with peak_memory(device, ref_box):
                         ref_t.append(timed(lambda: ref_run(size), device, 1, 0))
-            row = dict(size=size, ours_s=statistics.median(ours_t), ours_peak_gib=box.get("peak_gib"))
+            stages = {}
+            staged_generate(m, size, low_vram=False, stats=stages)  # where the time goes
+            row = dict(size=size, ours_s=statistics.median(ours_t), ours_peak_gib=box.get("peak_gib"), stages=stages,
+                       fp16_fallbacks_so_far=len(fallbacks))
             if ref_t:
                 row.update(diffusers_s=statistics.median(ref_t), diffusers_peak_gib=ref_box.get("peak_gib"),
                            speedup=statistics.median(ref_t) / statistics.median(ours_t))
@@ -301,22 +335,6 @@ def main():
     ref_run = ref_prior = ref_decoder = None
     free(device)
     log(f"resident after the diffusers sections: {resident_gib(device):.2f} GiB")
-
-    # ---- low-VRAM: everything on the host, one stage on the device at a time
-    def low_vram_generate(models, size, fp8=False):
-        cpu_models = models
-        text_c = cpu_models["text_c"]
-        with on_device(text_c.model, device):
-            cond_c, unc_c = text_c.encode([PROMPT]), text_c.encode([""])
-        with on_device(cpu_models["prior"], device) as prior:
-            c = wp.sample_stage_c(prior, cond_c, unc_c, height=size, width=size, seeds=[0], cfg=4.0, device=device)
-        text_b = cpu_models["text_b"]
-        with on_device(text_b.model, device):
-            cond_b = text_b.encode([PROMPT])
-        with on_device(cpu_models["decoder"], device) as decoder:
-            b = wp.sample_stage_b(decoder, c, cond_b, seeds=[0], device=device)
-        with on_device(cpu_models["vqgan"], device) as vq:
-            return wp.decode_stage_a(vq, b)
 
     def modules(models):
         return [v if isinstance(v, torch.nn.Module) else v.model for v in models.values()]
@@ -332,11 +350,13 @@ def main():
         to_host(m)  # nothing else stays resident while measuring
         to_host(models)
         resident = resident_gib(device)
-        box = {}
-        low_vram_generate(models, base)
+        box, stages = {}, {}
+        staged_generate(models, base)
         with peak_memory(device, box):
-            t = timed(lambda: low_vram_generate(models, base), device, 2, 0)
-        results["sections"][name] = dict(size=base, s=t, peak_gib=box.get("peak_gib"), resident_before_gib=resident)
+            t = timed(lambda: staged_generate(models, base), device, 2, 0)
+        staged_generate(models, base, stats=stages)
+        results["sections"][name] = dict(size=base, s=t, peak_gib=box.get("peak_gib"), resident_before_gib=resident,
+                                         stages=stages, fp16_fallbacks_so_far=len(fallbacks))
         log(results["sections"][name])
         for mod in modules(m):
             mod.to(device)

@@ -9,7 +9,6 @@ and the channelwise Linears work on (x.permute(0, 2, 3, 1)) are contiguous and n
 its input between layouts. The blocks accept either layout; only speed depends on it.
 """
 
-import itertools
 import math
 
 import torch
@@ -65,16 +64,22 @@ class GlobalResponseNorm(nn.Module):
         g = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # [B,1,1,C]
         d = g.mean(dim=-1, keepdim=True) + 1e-6
         scale = torch.addcmul(d, self.gamma, g).div_(d)  # 1 + gamma * g / d, in three small ops
-        # gamma * (x * n) + beta + x in one pass; in place when nothing records autograd (see GELU)
-        return torch.addcmul(self.beta, x, scale, out=None if torch.is_grad_enabled() else x)
+        # gamma * (x * n) + beta + x in one pass; in place in eager inference (see GELU)
+        return torch.addcmul(self.beta, x, scale, out=x) if _may_overwrite() else torch.addcmul(self.beta, x, scale)
+
+
+def _may_overwrite() -> bool:
+    """Whether a block may overwrite its fresh hidden tensor: not while autograd records (it may need
+    the input) and not while torch.compile traces (the compiler plans memory itself)."""
+    return not (torch.is_grad_enabled() or torch.compiler.is_compiling())
 
 
 class GELU(nn.GELU):
-    """GELU that overwrites its input when nothing records autograd. In the channelwise MLPs its input
-    is the fresh 4×-wide Linear output: the largest tensor of a block, so one copy less is the peak."""
+    """GELU that overwrites its input in eager inference. In the channelwise MLPs its input is the
+    fresh 4×-wide Linear output: the largest tensor of a block, so one copy less is the peak."""
 
     def forward(self, x):
-        return super().forward(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x)
+        return torch.ops.aten.gelu_(x) if _may_overwrite() else super().forward(x)
 
 
 def channelwise_mlp(c_in, c):
@@ -104,12 +109,17 @@ def timestep_modulations(blocks: list[TimestepBlock], r_embed: torch.Tensor) -> 
     # cast before the cat: a no-op in the compute dtype, and float8 cat is not implemented on every device
     weight = torch.cat([b.mapper.weight.to(dtype) for b in blocks])
     out = F.linear(r_embed, weight, torch.cat([b.mapper.bias for b in blocks]).to(dtype))  # [B, Σ 2c]
+    runs = []  # [width, count] of consecutive equally wide blocks (plain loops: torch.compile traces them)
+    for b in blocks:
+        if runs and runs[-1][0] == b.mapper.out_features:
+            runs[-1][1] += 1
+        else:
+            runs.append([b.mapper.out_features, 1])
     modulations, start = [], 0
-    for width, run in itertools.groupby(b.mapper.out_features for b in blocks):
-        n = len(list(run))
+    for width, n in runs:
         ab = out[:, start:start + n * width].unflatten(1, (n, 2, width // 2))[..., None, None]  # [B,n,(a|b),c,1,1]
         ab[:, :, 0].add_(1)  # 1 + a, in place: one op per run of equally wide blocks
-        modulations += zip(ab[:, :, 0].unbind(1), ab[:, :, 1].unbind(1))
+        modulations += list(zip(ab[:, :, 0].unbind(1), ab[:, :, 1].unbind(1)))
         start += n * width
     return modulations
 

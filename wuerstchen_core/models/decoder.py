@@ -171,8 +171,8 @@ class WuerstchenDecoder(nn.Module):
         condition(effnet, clip, x's grid)) -> eps like x. r is embedded in its own dtype (see
         WuerstchenPrior.forward) and the embedding cast to the model dtype."""
         dtype = self.embedding[1].weight.dtype
-        films = self._timestep_blocks
-        modulations = dict(zip(films, timestep_modulations(films, r_embedding(r, self.cfg.c_r).to(dtype))))
+        # per-block inputs, consumed in visit order
+        modulations = iter(timestep_modulations(self._timestep_blocks, r_embedding(r, self.cfg.c_r).to(dtype)))
         per_block = iter(self.condition(effnet, clip, x.shape[-2:]) if cond is None else cond)
 
         def run(blocks, h, encoder_skip, injected):  # the encoder map feeds only the level's first ResBlock
@@ -180,7 +180,7 @@ class WuerstchenDecoder(nn.Module):
                 if isinstance(block, ResBlockStageB):
                     h, encoder_skip = block(h, encoder_skip, next(per_block) if injected else None), None
                 elif isinstance(block, TimestepBlock):
-                    h = block(h, modulations[block])
+                    h = block(h, next(modulations))
                 elif isinstance(block, AttnBlock):
                     h = block(h, next(per_block))
                 else:  # up-sampler

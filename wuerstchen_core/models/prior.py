@@ -63,12 +63,14 @@ class WuerstchenPrior(nn.Module):
             # the text is already mapped to width c, hence c_cond=c
             self.blocks.extend([ResBlock(c), TimestepBlock(c, cfg.c_r), AttnBlock(c, c, cfg.nhead)])
         self.out = nn.Sequential(LayerNorm2d(), nn.Conv2d(c, cfg.c_in * 2, kernel_size=1))
+        # the (ResBlock, TimestepBlock, AttnBlock) triples as plain lists (not registered twice)
+        self._res, self._films, self._attns = list(self.blocks[::3]), list(self.blocks[1::3]), list(self.blocks[2::3])
 
     def condition(self, clip) -> list[torch.Tensor]:
         """clip [B,T,c_cond] -> the tokens each AttnBlock attends to besides the image ([B,T,c] each).
         They depend on the text alone, so a sampler computes them once per run (forward's `cond`)."""
         silu_cond = F.silu(self.cond_mapper(clip))  # the kv_mappers' SiLU, shared by every AttnBlock
-        return [attn.map_condition(silu_cond) for attn in self.blocks[2::3]]
+        return [attn.map_condition(silu_cond) for attn in self._attns]
 
     def forward(self, x, r, clip=None, cond=None):
         """x [B,c_in,h,w], r [B] in [0,1], clip [B,T,c_cond] (or cond = condition(clip)) -> eps [B,c_in,h,w].
@@ -77,9 +79,8 @@ class WuerstchenPrior(nn.Module):
         gives the original (autocast) behaviour, r in the model's fp16 reproduces diffusers."""
         h = self.projection(x.contiguous(memory_format=torch.channels_last))  # see common.py: Layout
         cond = self.condition(clip) if cond is None else cond
-        films = self.blocks[1::3]
-        modulations = timestep_modulations(films, r_embedding(r, self.cfg.c_r).to(h.dtype))
-        for res, film, attn, modulation, tokens in zip(self.blocks[::3], films, self.blocks[2::3], modulations, cond):
+        modulations = timestep_modulations(self._films, r_embedding(r, self.cfg.c_r).to(h.dtype))
+        for res, film, attn, modulation, tokens in zip(self._res, self._films, self._attns, modulations, cond):
             h = attn(film(res(h), modulation), tokens)
         a, b = self.out(h).contiguous().chunk(2, dim=1)
         return (x - a) / ((1 - b).abs() + 1e-5)

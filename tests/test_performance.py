@@ -3,6 +3,8 @@
 Timings are not tested here (bench/ measures them); these tests check that each option computes the
 same thing and moves memory the way it says."""
 
+import types
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from nodes import conditioning, latents, loaders, sampling
 from nodes.host import StandaloneHost
 from tests.helpers.tiny_models import tiny_decoder, tiny_prior
 from tests.helpers.tiny_pack import FILES, write_tiny_models
-from wuerstchen_core import performance
+from wuerstchen_core import memory, performance, pipeline
 from wuerstchen_core.errors import WuerstchenError
 from wuerstchen_core.performance import Fp8Linear, on_device, store_linear_weights_in_fp8
 
@@ -75,6 +77,25 @@ def test_fp8_storage_converts_only_linear_weights_and_computes_with_the_rounded_
     assert linears and all(type(m) is Fp8Linear and m.weight.dtype == torch.float8_e4m3fn for m in linears)
     assert all(m.bias.dtype == torch.float32 for m in linears)
     assert all(p.dtype == torch.float32 for n, p in prior.named_parameters() if "depthwise" in n)
+
+
+def test_a_stage_given_a_dtype_keeps_the_fp8_weight_storage():
+    """The pipeline's device/dtype arguments cast the compute dtype only: the first GPU run found a
+    stage given device "cuda" for a model on "cuda:0" re-casting the whole model, fp8 Linears included."""
+    prior = store_linear_weights_in_fp8(tiny_prior())
+    clip = prior_inputs(prior, batch=1)[2]
+    out = pipeline.sample_stage_c(prior, clip, None, height=256, width=256, steps=1, cfg=0.0, device="cpu",
+                                  dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    linears = [m for m in prior.modules() if type(m) is Fp8Linear]
+    assert linears and all(m.weight.dtype == torch.float8_e4m3fn for m in linears)
+    assert all(p.dtype == torch.bfloat16 for n, p in prior.named_parameters() if "depthwise" in n)
+
+
+def test_a_device_without_index_matches_every_index_of_its_type():
+    on_cuda0 = types.SimpleNamespace(device=torch.device("cuda", 0))
+    assert memory.is_on(on_cuda0, "cuda") and memory.is_on(on_cuda0, "cuda:0")
+    assert not memory.is_on(on_cuda0, "cuda:1") and not memory.is_on(on_cuda0, "cpu")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,10 +56,12 @@ def weight_bytes(module: nn.Module, device=None) -> int:
     """Bytes of `module`'s parameters and buffers; with `device`, only those not already on it."""
     device = None if device is None else torch.device(device)
     tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors if device is None or not _on(t, device))
+    return sum(t.numel() * t.element_size() for t in tensors if device is None or not is_on(t, device))
 
 
-def _on(t: torch.Tensor, device: torch.device) -> bool:
+def is_on(t: torch.Tensor, device) -> bool:
+    """Whether `t` is on `device`; a device without an index ("cuda") matches every index of its type."""
+    device = torch.device(device)
     return t.device.type == device.type and (device.index is None or t.device.index == device.index)
 
 

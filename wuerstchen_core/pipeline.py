@@ -46,12 +46,16 @@ def image_seeds(seed: int, batch_size: int, batch_index: Sequence[int] | None = 
 
 
 def _place(module: nn.Module, device, dtype) -> tuple[torch.device, torch.dtype]:
-    """Move/cast `module` to device/dtype when given (defaults: where it already is)."""
+    """Move/cast `module` to device/dtype when given (defaults: where and what it already is); returns
+    where it then is. A device without an index ("cuda") accepts a module on any device of that type.
+    Weights stored in fp8 keep their storage: only the compute dtype changes."""
     p = compute_param(module)
-    device, dtype = torch.device(device) if device is not None else p.device, dtype or p.dtype
-    if (p.device, p.dtype) != (device, dtype):
-        module.to(device, dtype)
-    return device, dtype
+    if device is not None and not memory.is_on(p, device):
+        module.to(device)
+    if dtype is not None and dtype != p.dtype:
+        module._apply(lambda t: t.to(dtype) if t.is_floating_point() and t.element_size() > 1 else t)
+    p = compute_param(module)
+    return p.device, p.dtype
 
 
 def compute_param(module: nn.Module) -> nn.Parameter:

@@ -418,3 +418,12 @@ def test_text_loader_refuses_a_prior(tmp_path, models):
     save_file(models["prior"].state_dict(), tmp_path / "prior.safetensors")
     with pytest.raises(WrongComponentError, match=r"Stage C prior, but the text encoder loader .*models/wuerstchen"):
         load_text_encoder(tmp_path / "prior.safetensors")
+
+
+def test_damaged_key_names_stay_on_one_line(tmp_path):
+    """Found by the byte-flip fuzzer: a flipped byte turned a key into 'in_block.1.wei\\nht'."""
+    path = tmp_path / "flipped.pt"
+    torch.save({"in_block.1.wei\nht": torch.zeros(2), "down_blocks.0.gammas": torch.zeros(6)}, path)
+    with pytest.raises(WrongComponentError) as e:
+        loading.load_vqgan(str(path))
+    assert "\n" not in str(e.value) and "in_block.1.wei\\nht" in str(e.value)

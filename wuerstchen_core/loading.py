@@ -210,8 +210,11 @@ def strip_prefixes(sd: dict) -> dict:
 
 
 def _some(names, n=5) -> str:
+    """The first n names for a one-line message; control characters (a damaged file's keys) escaped."""
     names = list(names)
-    return ", ".join(map(str, names[:n])) + (f", … ({len(names)} in all)" if len(names) > n else "")
+    shown = [str(k).encode("unicode_escape").decode("ascii") if not str(k).isprintable() else str(k)
+             for k in names[:n]]
+    return ", ".join(shown) + (f", … ({len(names)} in all)" if len(names) > n else "")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -313,3 +313,19 @@ def test_callback_x0_estimate_and_unknown_sampler():
     assert all(torch.allclose(e, x0, atol=1e-3) for e in estimates)
     with pytest.raises(WuerstchenError):
         sample(eps_fn, x0, linear_timesteps(4), "euler")
+
+
+@pytest.mark.parametrize("seeds", [[5], [5, 6, 7]], ids=["one generator", "one per image"])
+def test_prefetched_noise_equals_the_draws_one_by_one(seeds):
+    shape = (len(seeds), 4, 8, 8)
+    one_by_one = NoiseSource(generators_for_seeds(seeds), "cpu", torch.float16)
+    expected = [one_by_one(shape) for _ in range(4)]
+    prefetched = NoiseSource(generators_for_seeds(seeds), "cpu", torch.float16)
+    first = prefetched(shape)  # the initial latent is drawn before the loop prefetches its draws
+    prefetched.prefetch(3, shape)
+    got = [first] + [prefetched(shape) for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert torch.equal(prefetched(shape), one_by_one(shape))  # then one by one again, in sequence
+    prefetched.prefetch(1, shape)
+    with pytest.raises(RuntimeError, match="prefetched"):
+        prefetched((1, 4, 8, 8) if len(seeds) > 1 else (2, 4, 8, 8))

@@ -36,17 +36,36 @@ class NoiseSource:
 
     def __init__(self, generators: list[torch.Generator], device="cpu", dtype: torch.dtype = torch.float32):
         self.generators, self.device, self.dtype = list(generators), torch.device(device), dtype
+        self._prefetched: list[torch.Tensor] = []
 
     def __call__(self, shape, dtype: torch.dtype | None = None) -> torch.Tensor:
         shape, dtype = tuple(shape), dtype or self.dtype
+        if self._prefetched:
+            z = self._prefetched.pop(0)
+            if (tuple(z.shape), z.dtype) != (shape, dtype):
+                raise RuntimeError(f"NoiseSource: a prefetched {tuple(z.shape)} {z.dtype} draw was asked for as "
+                                   f"{shape} {dtype}; prefetch exactly the draws that follow.")
+            return z
+        return self._upload(self._draw(shape, dtype))
+
+    def prefetch(self, count: int, shape, dtype: torch.dtype | None = None) -> None:
+        """Draw the next `count` draws of `shape` now, in the same order as one by one, and upload them
+        in one copy. On CUDA a pinned staging buffer per draw costs a page-locked allocation whenever
+        the previous one is still in flight, which the sampling loop then waits for."""
+        shape, dtype = tuple(shape), dtype or self.dtype
+        if count > 0:
+            self._prefetched = list(self._upload(torch.stack([self._draw(shape, dtype) for _ in range(count)])))
+
+    def _draw(self, shape, dtype) -> torch.Tensor:
         if len(self.generators) == 1:
-            z = torch.randn(shape, generator=self.generators[0], dtype=dtype)
-        elif len(self.generators) == shape[0]:
-            z = torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=dtype) for g in self.generators])
-        else:
-            raise StageMismatchError(
-                f"Noise: got {len(self.generators)} seeds for a batch of {shape[0]}, expected one seed per image."
-            )
+            return torch.randn(shape, generator=self.generators[0], dtype=dtype)
+        if len(self.generators) == shape[0]:
+            return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=dtype) for g in self.generators])
+        raise StageMismatchError(
+            f"Noise: got {len(self.generators)} seeds for a batch of {shape[0]}, expected one seed per image."
+        )
+
+    def _upload(self, z: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":  # pinned + non_blocking: no host sync per draw
             return z.pin_memory().to(self.device, non_blocking=True)
         return z.to(self.device)
@@ -142,6 +161,9 @@ def sample(eps_fn: Denoiser, x: torch.Tensor, timesteps, sampler: str = "ddpm", 
             sigma = ((1 - alpha) * (1.0 - a_prev) / (1.0 - a_t)).sqrt()
             ddpm.append(((1.0 / alpha).sqrt(), 1 - alpha, (1 - a_t).sqrt(), sigma, (r_prev != 0).float().view(view)))
 
+        if mask is None:  # the loop's only draws: one per step, all known now
+            noise.prefetch(steps, x.shape, x.dtype)
+
     lam = [0.5 * math.log(a / (1 - a)) for a in abar]  # log-SNR for dpmpp_2m
     x0_prev = None
     for i in range(steps):
@@ -152,7 +174,7 @@ def sample(eps_fn: Denoiser, x: torch.Tensor, timesteps, sampler: str = "ddpm", 
         if sampler == "ddpm":
             c_mu, c_eps, c_den, sigma, nonzero = ddpm[i]
             mu = c_mu * (x - c_eps * eps / c_den)
-            x_next = mu + sigma * noise(x.shape, eps.dtype) * nonzero
+            x_next = mu + sigma * noise(x.shape, x.dtype) * nonzero
         elif last:  # r = 0 is the clean end point for the deterministic solvers
             x_next = x0
         elif sampler == "ddim":

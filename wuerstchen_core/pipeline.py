@@ -53,9 +53,14 @@ def _place(module: nn.Module, device, dtype) -> tuple[torch.device, torch.dtype]
     if device is not None and not memory.is_on(p, device):
         module.to(device)
     if dtype is not None and dtype != p.dtype:
-        module._apply(lambda t: t.to(dtype) if t.is_floating_point() and t.element_size() > 1 else t)
+        _cast_compute(module, dtype)
     p = compute_param(module)
     return p.device, p.dtype
+
+
+def _cast_compute(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the module's floating weights to `dtype`, except those stored in fp8 (cast per call)."""
+    module._apply(lambda t: t.to(dtype) if t.is_floating_point() and t.element_size() > 1 else t)
 
 
 def compute_param(module: nn.Module) -> nn.Parameter:
@@ -142,7 +147,7 @@ def run_with_dtype_fallback(fn: Callable[[torch.dtype], Tensor], module: nn.Modu
                   "Use bf16 or fp32 for this model to avoid the second run.", RuntimeWarning, stacklevel=3)
     slots = tensor_slots(module)
     saved = [(t.detach().to("cpu", copy=True), t.device) for _, _, t in slots]  # the cast to bf16 is lossy
-    module.to(fallback)
+    _cast_compute(module, fallback)
     try:
         out = fn(fallback)
     finally:

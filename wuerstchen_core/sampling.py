@@ -45,16 +45,20 @@ class NoiseSource:
             if (tuple(z.shape), z.dtype) != (shape, dtype):
                 raise RuntimeError(f"NoiseSource: a prefetched {tuple(z.shape)} {z.dtype} draw was asked for as "
                                    f"{shape} {dtype}; prefetch exactly the draws that follow.")
-            return z
-        return self._upload(self._draw(shape, dtype))
+        else:
+            z = self._draw(shape, dtype)
+            z = z.pin_memory() if self.device.type == "cuda" else z
+        return z.to(self.device, non_blocking=True)  # from pinned memory: no host sync per draw
 
     def prefetch(self, count: int, shape, dtype: torch.dtype | None = None) -> None:
-        """Draw the next `count` draws of `shape` now, in the same order as one by one, and upload them
-        in one copy. On CUDA a pinned staging buffer per draw costs a page-locked allocation whenever
-        the previous one is still in flight, which the sampling loop then waits for."""
+        """Draw the next `count` draws of `shape` now, in the same order as one by one, into one pinned
+        host buffer that the calls then upload from. A pinned staging buffer per draw costs a page-locked
+        allocation whenever the previous one is still in flight, which the sampling loop would wait for;
+        the device holds one draw at a time either way."""
         shape, dtype = tuple(shape), dtype or self.dtype
         if count > 0:
-            self._prefetched = list(self._upload(torch.stack([self._draw(shape, dtype) for _ in range(count)])))
+            staged = torch.stack([self._draw(shape, dtype) for _ in range(count)])
+            self._prefetched = list((staged.pin_memory() if self.device.type == "cuda" else staged).unbind(0))
 
     def _draw(self, shape, dtype) -> torch.Tensor:
         if len(self.generators) == 1:
@@ -64,11 +68,6 @@ class NoiseSource:
         raise StageMismatchError(
             f"Noise: got {len(self.generators)} seeds for a batch of {shape[0]}, expected one seed per image."
         )
-
-    def _upload(self, z: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":  # pinned + non_blocking: no host sync per draw
-            return z.pin_memory().to(self.device, non_blocking=True)
-        return z.to(self.device)
 
 
 def generators_for_seeds(seeds: list[int]) -> list[torch.Generator]:
@@ -161,7 +160,7 @@ def sample(eps_fn: Denoiser, x: torch.Tensor, timesteps, sampler: str = "ddpm", 
             sigma = ((1 - alpha) * (1.0 - a_prev) / (1.0 - a_t)).sqrt()
             ddpm.append(((1.0 / alpha).sqrt(), 1 - alpha, (1 - a_t).sqrt(), sigma, (r_prev != 0).float().view(view)))
 
-        if mask is None:  # the loop's only draws: one per step, all known now
+        if mask is None:  # the loop's only draws: one per step, all known now (see NoiseSource.prefetch)
             noise.prefetch(steps, x.shape, x.dtype)
 
     lam = [0.5 * math.log(a / (1 - a)) for a in abar]  # log-SNR for dpmpp_2m

@@ -7,7 +7,7 @@ preset with CFG 4 (batch 2 per image), Stage B 12 steps without CFG, Stage A dec
     python bench/gpu_bench.py --tiny --out DIR     # the same code paths with tiny models (CPU ok)
 
 Prints a table per section and writes DIR/gpu_bench.json. Sections that would overrun --budget-s
-are skipped and say so; all of them take about 5.5 minutes on an H200, most of it the two compiles of
+are skipped and say so; all of them took 6.5 minutes on an H200 (2026-11-26), most of it the two compiles of
 fast mode (batch 1 and batch 8). diffusers is needed only for the "diffusers" rows (test-only reference).
 """
 

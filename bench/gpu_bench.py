@@ -184,7 +184,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tiny", action="store_true", help="tiny models (a CPU dry run of every code path)")
-    ap.add_argument("--budget-s", type=float, default=450.0, help="skip sections that would end after this")
+    ap.add_argument("--budget-s", type=float, default=540.0, help="skip sections that would end after this")
     ap.add_argument("--skip", default="", help="comma-separated section names to skip")
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -414,7 +414,7 @@ def main():
             decoder=store_linear_weights_in_fp8(build(WuerstchenDecoder, dc, device, dtype, 2))))
 
     # ---- fast mode (compiled, CUDA graphs)
-    if section("fast_mode", 130 if not tiny else 60):
+    if section("fast_mode", 170 if not tiny else 60):
         t0 = time.perf_counter()
         fast = dict(m, prior=compile_model(m["prior"], device.type == "cuda"),
                     decoder=compile_model(m["decoder"], device.type == "cuda"))
@@ -428,7 +428,7 @@ def main():
         results["sections"]["fast_mode"] = [row]
         log(row)
         save()
-        if section("fast_mode_b8", 100 if not tiny else 60):
+        if section("fast_mode_b8", 130 if not tiny else 60):
             t0 = time.perf_counter()
             ours_generate(fast, base, 8)
             compile_s = time.perf_counter() - t0

@@ -12,9 +12,8 @@ def _decode(host, vqgan, samples, tile_size):
     z = stage_samples(samples, "B", "Würstchen Stage A Decode, input 'samples'")
     tile = tile_size // 4 if tile_size and 4 * max(z.shape[-2:]) > tile_size else None  # in latent cells
     height, width = 4 * z.shape[-2], 4 * z.shape[-1]
-    element_size = torch.empty((), dtype=vqgan.dtype).element_size()
     device = host.load(vqgan, activations=memory.activation_bytes("vqgan", vqgan.model.cfg, 1, height, width,
-                                                                  element_size, tile=tile))
+                                                                  vqgan.dtype.itemsize, tile=tile))
     bar = host.progress(z.shape[0])
     images = []
     with torch.inference_mode():

@@ -1,7 +1,5 @@
 """The two sampler nodes: Stage C "prior sampling" and Stage B "decoding"."""
 
-import contextlib
-
 import torch
 
 from wuerstchen_core import memory, performance, pipeline, sizes
@@ -55,15 +53,11 @@ def _activations(stage, loaded, batch, stage_c_grid, guided) -> int:
     """The stage's activation estimate, so the host makes room for it next to the weights."""
     height, width = sizes.image_size_for_stage_c(*stage_c_grid)
     return memory.activation_bytes(stage, loaded.model.cfg, batch, height, width,
-                                   torch.empty((), dtype=loaded.dtype).element_size(), guided)
+                                   loaded.dtype.itemsize, guided)
 
 
 def _network(host, loaded, device, fast_mode):
     return host.fast_model(loaded, device) if fast_mode else loaded.model
-
-
-def _compile_errors(where, fast_mode):
-    return performance.compile_errors(where) if fast_mode else contextlib.nullcontext()
 
 
 def _sample_c(host, prior, positive, negative, latent, seed, steps, cfg, sampler, denoise, mask=None,
@@ -82,7 +76,7 @@ def _sample_c(host, prior, positive, negative, latent, seed, steps, cfg, sampler
     height, width = size or (None, None)
     dtype = prior.dtype
     device = host.load(prior, activations=_activations("prior", prior, batch, x.shape[-2:], cfg > 1))
-    with torch.inference_mode(), _compile_errors(where, fast_mode):
+    with torch.inference_mode(), performance.compile_errors(where, enabled=fast_mode):
         out = pipeline.sample_stage_c(
             _network(host, prior, device, fast_mode), cond.to(device, dtype),
             uncond.to(device, dtype) if cfg > 1 else None,
@@ -145,7 +139,7 @@ def _sample_b(host, decoder, positive, negative, stage_c, seed, steps, cfg, samp
     device = host.load(decoder, vqgan_for_preview,
                        activations=_activations("decoder", decoder, batch, effnet.shape[-2:], cfg > 1))
     preview = None if vqgan_for_preview is None else lambda x0: stage_b_preview(vqgan_for_preview.model, x0)
-    with torch.inference_mode(), _compile_errors(where, fast_mode):
+    with torch.inference_mode(), performance.compile_errors(where, enabled=fast_mode):
         out = pipeline.sample_stage_b(
             _network(host, decoder, device, fast_mode), effnet.to(device, dtype), cond.to(device, dtype),
             uncond.to(device, dtype) if cfg > 1 else None,

@@ -215,7 +215,7 @@ def generate(args) -> int:
         settings.pop("denoise")
     else:
         settings["image"] = args.image
-    with performance.compile_errors("--fast") if args.fast else contextlib.nullcontext():
+    with performance.compile_errors("--fast", enabled=args.fast):
         images = _sample(args, prior, decoder, vqgan, prior_text, decoder_text, seed, decoder_seed, device, progress)
     for i, (image, path) in enumerate(zip(images, outputs)):
         _save_png(image, path, settings | {"seed": seed + i, "decoder_seed": decoder_seed + i})

@@ -120,7 +120,7 @@ def estimate(stage: str, model: nn.Module, *, batch: int, height: int, width: in
     in `dtype` (default: the model's) for `batch` images of height×width px."""
     dtype = dtype or next(model.parameters()).dtype
     return MemoryEstimate(stage, model.cfg, weight_bytes(model, device), batch, height, width,
-                          torch.empty((), dtype=dtype).element_size(), guided, tile)
+                          dtype.itemsize, guided, tile)
 
 
 def free_bytes(device) -> int | None:

@@ -42,6 +42,7 @@ def public_networks(fp8: bool = False) -> dict[str, torch.nn.Module]:
             nets[tower] = transformers.CLIPTextModel(transformers.CLIPTextConfig(
                 vocab_size=49408, max_position_embeddings=77, hidden_act="gelu", **cfg))
     nets = {k: v.to(FP16).eval() for k, v in nets.items()}
+    nets["decoder"].fold_effnet()  # the sampling form, as loading.load_decoder gives it
     if fp8:
         for k in ("prior", "decoder"):
             store_linear_weights_in_fp8(nets[k])

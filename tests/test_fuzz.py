@@ -294,9 +294,11 @@ def test_mutated_ui_workflow_files_load_or_raise_workflow_error(tmp_path, data):
             node[data.draw(st.sampled_from(["type", "mode", "inputs", "widgets_values"]))] = data.draw(json_values)
         elif target == "links" and ui["links"]:
             ui["links"][data.draw(st.integers(0, len(ui["links"]) - 1))] = data.draw(json_values)
-        elif target == "widgets" and node["widgets_values"]:
+        # a field an earlier round replaced by any JSON value is only mutated further while still a list
+        elif target == "widgets" and isinstance(node["widgets_values"], list) and node["widgets_values"]:
             node["widgets_values"][data.draw(st.integers(0, len(node["widgets_values"]) - 1))] = data.draw(json_values)
-        elif target == "input_link" and node["inputs"]:
+        elif target == "input_link" and isinstance(node["inputs"], list) and node["inputs"] \
+                and isinstance(node["inputs"][0], dict):
             node["inputs"][0]["link"] = data.draw(json_values)
         elif target == "id":
             node["id"] = data.draw(json_values)

@@ -160,6 +160,11 @@ def test_decoder_forward_matches_reference(cfg, batch, hw, effnet_hw):
     got = ours(x, r, effnet, clip)
     assert got.shape == x.shape
     assert rel_err(got, expected) <= TOL
+    # the sampling form (load_decoder's default): fewer weights, the same float32 arithmetic
+    folded = copy.deepcopy(ours).fold_effnet()
+    assert sum(p.numel() for p in folded.parameters()) < sum(p.numel() for p in ours.parameters())
+    assert torch.equal(folded(x, r, effnet, clip), got)
+    assert torch.equal(folded.fold_effnet()(x, r, effnet, clip), got)  # folding twice changes nothing
 
 
 @pytest.mark.parametrize("banded", [False, True], ids=["whole", "banded"])

@@ -315,17 +315,20 @@ def test_callback_x0_estimate_and_unknown_sampler():
         sample(eps_fn, x0, linear_timesteps(4), "euler")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("seeds", [[5], [5, 6, 7]], ids=["one generator", "one per image"])
-def test_prefetched_noise_equals_the_draws_one_by_one(seeds):
+def test_reserved_noise_equals_the_draws_one_by_one(seeds, dtype):
     shape = (len(seeds), 4, 8, 8)
-    one_by_one = NoiseSource(generators_for_seeds(seeds), "cpu", torch.float16)
+    one_by_one = NoiseSource(generators_for_seeds(seeds), "cpu", dtype)
     expected = [one_by_one(shape) for _ in range(4)]
-    prefetched = NoiseSource(generators_for_seeds(seeds), "cpu", torch.float16)
-    first = prefetched(shape)  # the initial latent is drawn before the loop prefetches its draws
-    prefetched.prefetch(3, shape)
-    got = [first] + [prefetched(shape) for _ in range(3)]
-    assert all(torch.equal(a, b) for a, b in zip(got, expected))
-    assert torch.equal(prefetched(shape), one_by_one(shape))  # then one by one again, in sequence
-    prefetched.prefetch(1, shape)
-    with pytest.raises(RuntimeError, match="prefetched"):
-        prefetched((1, 4, 8, 8) if len(seeds) > 1 else (2, 4, 8, 8))
+    reserved = NoiseSource(generators_for_seeds(seeds), "cpu", dtype)
+    first = reserved(shape)  # the initial latent is drawn before the loop reserves its draws
+    states = [g.get_state() for g in reserved.generators]
+    reserved.reserve(3, shape)
+    assert all(torch.equal(g.get_state(), s) for g, s in zip(reserved.generators, states))  # drawn when asked
+    got = [first] + [reserved(shape) for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))  # each draw kept its own slot
+    assert torch.equal(reserved(shape), one_by_one(shape))  # then one by one again, in sequence
+    reserved.reserve(1, shape)
+    with pytest.raises(RuntimeError, match="reserved"):
+        reserved((1, 4, 8, 8) if len(seeds) > 1 else (2, 4, 8, 8))

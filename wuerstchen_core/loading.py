@@ -537,9 +537,11 @@ def load_prior(path, dtype=torch.float32, device="cpu"):
     return _load(path, "prior", dtype, device)
 
 
-def load_decoder(path, dtype=torch.float32, device="cpu"):
-    """Stage B decoder (WuerstchenDecoder), in eval mode."""
-    return _load(path, "decoder", dtype, device)
+def load_decoder(path, dtype=torch.float32, device="cpu", fold_effnet=True):
+    """Stage B decoder (WuerstchenDecoder), in eval mode. fold_effnet: in its sampling form (0.39 GiB
+    less at public size, see WuerstchenDecoder.fold_effnet); False keeps the checkpoint's weights."""
+    decoder = _load(path, "decoder", dtype, device)
+    return decoder.fold_effnet() if fold_effnet else decoder
 
 
 def load_vqgan(path, dtype=torch.float32, device="cpu"):

@@ -387,9 +387,11 @@ def generate(prior: nn.Module, decoder: nn.Module, vqgan: nn.Module, prior_text,
     def report(stage):
         return None if progress is None else lambda i, n, x, x0: progress(stage, i + 1, n)
 
-    def embed(encoder, guided):
-        cond = encoder.encode([prompt])
-        return cond, encoder.encode([negative_prompt]) if guided else None
+    def embed(encoder, guided):  # prompt and negative prompt in one forward: at batch 1 it is launch-bound
+        if not guided:
+            return encoder.encode([prompt]), None
+        both = encoder.encode([prompt, negative_prompt])
+        return both[:1], both[1:]
 
     seeds = image_seeds(seed, batch)
     c_cond, c_uncond = embed(prior_text, prior_cfg > 1)

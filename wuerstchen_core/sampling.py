@@ -36,35 +36,40 @@ class NoiseSource:
 
     def __init__(self, generators: list[torch.Generator], device="cpu", dtype: torch.dtype = torch.float32):
         self.generators, self.device, self.dtype = list(generators), torch.device(device), dtype
-        self._prefetched: list[torch.Tensor] = []
+        self._slots: list[torch.Tensor] = []  # reserved host staging for the next draws
 
     def __call__(self, shape, dtype: torch.dtype | None = None) -> torch.Tensor:
         shape, dtype = tuple(shape), dtype or self.dtype
-        if self._prefetched:
-            z = self._prefetched.pop(0)
-            if (tuple(z.shape), z.dtype) != (shape, dtype):
-                raise RuntimeError(f"NoiseSource: a prefetched {tuple(z.shape)} {z.dtype} draw was asked for as "
-                                   f"{shape} {dtype}; prefetch exactly the draws that follow.")
+        if self._slots:
+            slot = self._slots.pop(0)
+            if (tuple(slot.shape), slot.dtype) != (shape, dtype):
+                raise RuntimeError(f"NoiseSource: a {tuple(slot.shape)} {slot.dtype} draw was reserved and "
+                                   f"{shape} {dtype} asked for; reserve exactly the draws that follow.")
+            z = self._draw(shape, dtype, out=slot)
         else:
             z = self._draw(shape, dtype)
             z = z.pin_memory() if self.device.type == "cuda" else z
         return z.to(self.device, non_blocking=True)  # from pinned memory: no host sync per draw
 
-    def prefetch(self, count: int, shape, dtype: torch.dtype | None = None) -> None:
-        """Draw the next `count` draws of `shape` now, in the same order as one by one, into one pinned
-        host buffer that the calls then upload from. A pinned staging buffer per draw costs a page-locked
-        allocation whenever the previous one is still in flight, which the sampling loop would wait for;
-        the device holds one draw at a time either way."""
+    def reserve(self, count: int, shape, dtype: torch.dtype | None = None) -> None:
+        """Allocate now the host staging (pinned on CUDA) of the next `count` draws of `shape`. Each draw
+        still happens when it is asked for, so the host draws while the device runs the previous step;
+        a pinned buffer per draw would instead cost a page-locked allocation, which waits for the
+        device, whenever the previous upload is still queued behind the model."""
         shape, dtype = tuple(shape), dtype or self.dtype
         if count > 0:
-            staged = torch.stack([self._draw(shape, dtype) for _ in range(count)])
-            self._prefetched = list((staged.pin_memory() if self.device.type == "cuda" else staged).unbind(0))
+            staging = torch.empty((count, *shape), dtype=dtype, pin_memory=self.device.type == "cuda")
+            self._slots = list(staging.unbind(0))
 
-    def _draw(self, shape, dtype) -> torch.Tensor:
+    def _draw(self, shape, dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         if len(self.generators) == 1:
-            return torch.randn(shape, generator=self.generators[0], dtype=dtype)
+            return torch.randn(shape, generator=self.generators[0], dtype=dtype, out=out)
         if len(self.generators) == shape[0]:
-            return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=dtype) for g in self.generators])
+            if out is None:
+                return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=dtype) for g in self.generators])
+            for g, row in zip(self.generators, out.split(1)):
+                torch.randn(row.shape, generator=g, dtype=dtype, out=row)
+            return out
         raise StageMismatchError(
             f"Noise: got {len(self.generators)} seeds for a batch of {shape[0]}, expected one seed per image."
         )
@@ -160,8 +165,8 @@ def sample(eps_fn: Denoiser, x: torch.Tensor, timesteps, sampler: str = "ddpm", 
             sigma = ((1 - alpha) * (1.0 - a_prev) / (1.0 - a_t)).sqrt()
             ddpm.append(((1.0 / alpha).sqrt(), 1 - alpha, (1 - a_t).sqrt(), sigma, (r_prev != 0).float().view(view)))
 
-        if mask is None:  # the loop's only draws: one per step, all known now (see NoiseSource.prefetch)
-            noise.prefetch(steps, x.shape, x.dtype)
+        if mask is None:  # the loop's only draws: one per step, all known now (see NoiseSource.reserve)
+            noise.reserve(steps, x.shape, x.dtype)
 
     lam = [0.5 * math.log(a / (1 - a)) for a in abar]  # log-SNR for dpmpp_2m
     x0_prev = None

@@ -149,16 +149,34 @@ class ResBlockStageB(nn.Module):
         super().__init__()
         self.depthwise = nn.Conv2d(c, c, kernel_size, padding=kernel_size // 2, groups=c)
         self.channelwise = channelwise_mlp(c + c_skip, c)
+        self.register_parameter("effnet_weight", None)  # set by fold_effnet
 
-    def fuse_effnet(self, mapper: nn.Conv2d, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def effnet_weights(self, mapper: nn.Conv2d, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_eff·M [4c, e], b + W_eff·m): the first Linear's effnet columns W_eff composed with the
-        level's 1×1 effnet mapper (M, m), in the compute dtype (fp32 accumulation on GPUs)."""
+        level's 1×1 effnet mapper (M, m), in `dtype` (fp32 accumulation on GPUs). After fold_effnet
+        they are the block's own weights."""
         linear = self.channelwise[0]
-        w_eff = linear.weight[:, -mapper.out_channels:].to(dtype)  # .to: fp8-stored weights only
-        return w_eff @ mapper.weight.flatten(1), torch.addmv(linear.bias, w_eff, mapper.bias)
+        if self.effnet_weight is not None:
+            return self.effnet_weight, linear.bias
+        w_eff = linear.weight[:, -mapper.out_channels:].to(dtype)  # .to: fp8-stored or folding in fp32
+        m, m_bias = mapper.weight.flatten(1).to(dtype), mapper.bias.to(dtype)
+        return w_eff @ m, torch.addmv(linear.bias.to(dtype), w_eff, m_bias)
+
+    def fold_effnet(self, mapper: nn.Conv2d) -> None:
+        """Keep the effnet columns of the first Linear only as their product with the mapper (formed
+        once in float32): the Linear keeps its image/skip columns, its bias becomes b + W_eff·m and
+        effnet_weight holds W_eff·M. At c_eff = 1024 this drops most of the block's first Linear."""
+        linear = self.channelwise[0]
+        dtype = mapper.weight.dtype  # a conv: never fp8-stored
+        w_fused, bias = self.effnet_weights(mapper, torch.float32)
+        narrow = linear.weight[:, :linear.in_features - mapper.out_channels]
+        linear.weight = nn.Parameter(narrow.contiguous(), requires_grad=False)
+        linear.in_features = narrow.shape[1]
+        linear.bias = nn.Parameter(bias.to(linear.bias.dtype), requires_grad=False)
+        self.effnet_weight = nn.Parameter(w_fused.to(dtype), requires_grad=False)
 
     def forward(self, x, skip=None, effnet=None):
-        """x, skip: [B,C,H,W] maps. effnet: (features [B,H,W,e] NHWC, *fuse_effnet(level mapper)) or None.
+        """x, skip: [B,C,H,W] maps. effnet: (features [B,H,W,e] NHWC, *effnet_weights(level mapper)) or None.
 
         The reference maps the effnet features to c_eff channels and feeds them to the first Linear.
         Both are linear per pixel, so here the e-channel features go through the product of the two

@@ -8,7 +8,9 @@ preset with CFG 4 (batch 2 per image), Stage B 12 steps without CFG, Stage A dec
 
 Prints a table per section and writes DIR/gpu_bench.json. Sections that would overrun --budget-s
 are skipped and say so; all of them took 6.5 minutes on an H200 (2026-11-26), most of it the two compiles of
-fast mode (batch 1 and batch 8). diffusers is needed only for the "diffusers" rows (test-only reference).
+fast mode (batch 1 and batch 8). The last section, fast-mode steps at batch 2/4 and 1536²/2048² (a
+compile per shape), does not fit after them: `--only fast_sweep` runs it alone (≈ 4 min).
+diffusers is needed only for the "diffusers" rows (test-only reference).
 """
 
 import argparse
@@ -186,6 +188,7 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="tiny models (a CPU dry run of every code path)")
     ap.add_argument("--budget-s", type=float, default=540.0, help="skip sections that would end after this")
     ap.add_argument("--skip", default="", help="comma-separated section names to skip")
+    ap.add_argument("--only", default="", help="comma-separated section names to run (all others skipped)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
@@ -195,6 +198,7 @@ def main():
     sizes = [256, 384, 512] if tiny else [1024, 1536, 2048]
     base = sizes[0]
     skip = set(filter(None, args.skip.split(",")))
+    only = set(filter(None, args.only.split(",")))
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "dtype": str(dtype), "tiny": tiny, "sections": {}}
 
@@ -206,8 +210,8 @@ def main():
             json.dump(results, f, indent=1, default=str)
 
     def section(name, est_s):  # est_s: the section's seconds on the H200 (bench/results_h200), rounded up
-        if name in skip:
-            log(f"SKIP {name} (--skip)")
+        if name in skip or (only and name not in only):
+            log(f"SKIP {name} (--skip/--only)")
             return False
         if time.perf_counter() - t_start + est_s > args.budget_s:
             log(f"SKIP {name}: would overrun the budget")
@@ -277,7 +281,8 @@ def main():
         text_c, text_b = models["text_c"], models["text_b"]
         seeds = list(range(batch))
         with stage("text bigG", text_c.model, low_vram, stats):
-            cond_c, unc_c = text_c.encode([PROMPT]), text_c.encode([""])
+            both = text_c.encode([PROMPT, ""])  # as generate() encodes them: one forward
+            cond_c, unc_c = both[:1], both[1:]
         with stage("Stage C", models["prior"], low_vram, stats) as prior:
             c = wp.sample_stage_c(prior, cond_c, unc_c, height=size, width=size, seeds=seeds, cfg=4.0, device=device)
         with stage("text H", text_b.model, low_vram, stats):
@@ -450,6 +455,31 @@ def main():
             results["sections"]["fast_mode"].append(dict(size=base, batch=8, s_per_image=t / 8,
                                                          first_run_compile_s=compile_s, stages=stages))
             log(results["sections"]["fast_mode"][-1])
+            save()
+
+    # ---- fast-mode steps at the other shapes of the eager sweep: one compile each (≈ 50 s on the H200),
+    # so it does not fit the default budget after the rest; run it alone with --only fast_sweep
+    if section("fast_sweep", 240 if not tiny else 60):
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, 64)  # every shape is a recompile; past the limit torch runs eager
+        net_c, net_b = (compile_model(m[k], device.type == "cuda") for k in ("prior", "decoder"))
+        rows = []
+        for size, batch in [(base, 2), (base, 4), (sizes[1], 1), (sizes[2], 1)]:
+            if time.perf_counter() - t_start + 60 > args.budget_s:
+                log(f"fast_sweep: {size}² batch {batch} would overrun the budget; stopped")
+                break
+            fc, fb = step_fns(net_c, net_b, size, batch)
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                fc(), fb()
+                sync(device)
+                row = dict(size=size, batch=batch, compile_s=time.perf_counter() - t0,
+                           c_ms=timed(fc, device, 10, 2) * 1e3, b_ms=timed(fb, device, 10, 2) * 1e3)
+                eager_c, eager_b = step_fns(m["prior"], m["decoder"], size, batch)
+                row.update(c_tflops=flops_of(eager_c) / row["c_ms"] / 1e9, b_tflops=flops_of(eager_b) / row["b_ms"] / 1e9)
+            rows.append(row)
+            log(row)
+            results["sections"]["fast_sweep"] = rows
             save()
     return finish(results, args, log)
 

@@ -107,6 +107,17 @@ def test_banded_channel_mlp_is_bit_identical(monkeypatch, dtype):
         assert torch.equal(vqgan.decode(z), whole)
 
 
+def test_decoder_sampling_form_drops_the_effnet_columns():
+    """load_decoder folds each injected ResBlock's 1024 effnet columns with the level's mapper: the
+    public decoder's weights shrink from 1.97 to 1.58 GiB in fp16 (public_networks holds that form)."""
+    from wuerstchen_core.models import DecoderConfig, WuerstchenDecoder
+    with torch.device("meta"):
+        decoder = WuerstchenDecoder(DecoderConfig()).half()
+    full = memory.weight_bytes(decoder)
+    assert 1.96 * GiB < full < 1.97 * GiB
+    assert full - memory.weight_bytes(decoder.fold_effnet()) > 0.38 * GiB  # 0.385: W_eff·M [4c, 16] stays
+
+
 def test_all_stages_resident_fit_6_5_gib(public):
     assert predict(public)["all_resident_gib"] <= 6.5
 

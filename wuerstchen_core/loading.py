@@ -538,7 +538,7 @@ def load_prior(path, dtype=torch.float32, device="cpu"):
 
 
 def load_decoder(path, dtype=torch.float32, device="cpu", fold_effnet=True):
-    """Stage B decoder (WuerstchenDecoder), in eval mode. fold_effnet: in its sampling form (0.39 GiB
+    """Stage B decoder (WuerstchenDecoder), in eval mode. fold_effnet: in its sampling form (0.38 GiB
     less at public size, see WuerstchenDecoder.fold_effnet); False keeps the checkpoint's weights."""
     decoder = _load(path, "decoder", dtype, device)
     return decoder.fold_effnet() if fold_effnet else decoder

@@ -261,7 +261,7 @@ def main():
 
     # ---- one image stage by stage: low-VRAM (each model on the device only for its stage) or resident
     @contextlib.contextmanager
-    def stage(name, model, low_vram, stats):
+    def stage(name, model, low_vram, stats, stream=()):
         """on_device for low-VRAM; with `stats`, record the stage's seconds, peak and resident memory."""
         if stats is not None:
             sync(device)
@@ -269,7 +269,7 @@ def main():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             t = time.perf_counter()
-        with (on_device(model, device) if low_vram else contextlib.nullcontext(model)) as placed:
+        with (on_device(model, device, stream) if low_vram else contextlib.nullcontext(model)) as placed:
             yield placed
         if stats is not None:
             sync(device)
@@ -280,12 +280,11 @@ def main():
     def staged_generate(models, size, low_vram=True, stats=None, batch=1):
         text_c, text_b = models["text_c"], models["text_b"]
         seeds = list(range(batch))
-        with stage("text bigG", text_c.model, low_vram, stats):
-            both = text_c.encode([PROMPT, ""])  # as generate() encodes them: one forward
-            cond_c, unc_c = both[:1], both[1:]
+        with stage("text bigG", text_c.model, low_vram, stats, text_c.layers):  # as the CLI does it
+            cond_c, unc_c = wp.encode_prompt(text_c, PROMPT, "", True)
         with stage("Stage C", models["prior"], low_vram, stats) as prior:
             c = wp.sample_stage_c(prior, cond_c, unc_c, height=size, width=size, seeds=seeds, cfg=4.0, device=device)
-        with stage("text H", text_b.model, low_vram, stats):
+        with stage("text H", text_b.model, low_vram, stats, text_b.layers):
             cond_b = text_b.encode([PROMPT])
         with stage("Stage B", models["decoder"], low_vram, stats) as decoder:
             b = wp.sample_stage_b(decoder, c, cond_b, seeds=seeds, device=device)

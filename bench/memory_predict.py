@@ -23,6 +23,7 @@ from wuerstchen_core import memory  # noqa: E402
 from wuerstchen_core.models import (DecoderConfig, PaellaVQGAN, PriorConfig, VQGANConfig,  # noqa: E402
                                     WuerstchenDecoder, WuerstchenPrior)
 from wuerstchen_core.performance import store_linear_weights_in_fp8  # noqa: E402
+from wuerstchen_core.text import TextEncoder  # noqa: E402
 
 GiB = 2**30
 FP16 = torch.float16
@@ -56,11 +57,20 @@ def stage_peaks(nets, side: int = 1024, batch: int = 1, tile: int | None = None,
             for name, stage in STAGE_OF.items()}
 
 
+def low_vram_weight_bytes(name: str, net) -> int:
+    """Weights on the device during a low-VRAM stage: a text encoder's layers visit it one at a time
+    (performance.on_device's `stream`, as the CLI runs it); the other networks are there whole."""
+    if name not in TOWERS:
+        return memory.weight_bytes(net)
+    parts = [memory.weight_bytes(part) for part in TextEncoder(net, tokenizer=None).layers]
+    return memory.weight_bytes(net) - sum(parts) + max(parts)
+
+
 def predict(nets, side: int = 1024, batch: int = 1, tile: int | None = None) -> dict:
     """Predicted peaks: every model resident, or one model on the device at a time (low-VRAM)."""
     weights = {k: memory.weight_bytes(v) for k, v in nets.items()}
     peaks = stage_peaks(nets, side, batch, tile)
-    per_stage = {k: weights[k] + peaks[k] + memory.WORKSPACE for k in peaks}
+    per_stage = {k: low_vram_weight_bytes(k, nets[k]) + peaks[k] + memory.WORKSPACE for k in peaks}
     return {"side": side, "batch": batch, "tile": tile, "weights_gib": sum(weights.values()) / GiB,
             "all_resident_gib": (sum(weights.values()) + max(peaks.values()) + memory.WORKSPACE) / GiB,
             "low_vram_gib": max(per_stage.values()) / GiB,

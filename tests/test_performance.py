@@ -59,6 +59,36 @@ def test_on_device_is_a_no_op_on_the_cpu_and_for_resident_models():
         assert all(t.device.type == "meta" for t in meta_prior.parameters())
 
 
+def test_on_device_streams_parts_one_at_a_time():
+    """stream: each part is on the device only during its own forward; the rest for the whole block."""
+    parts = [torch.nn.Linear(4, 4) for _ in range(3)]
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), *parts)
+    head = model[0]
+    seen = []
+    for part in parts:
+        part.register_forward_hook(lambda *_: seen.append((head.weight.device.type,
+                                                           [p.weight.device.type for p in parts])))
+    host = [t.data_ptr() for t in model.parameters()]
+    with torch.no_grad(), on_device(model, "meta", stream=parts):
+        assert head.weight.device.type == "meta" and all(p.weight.device.type == "cpu" for p in parts)
+        assert model(torch.zeros(2, 4, device="meta")).device.type == "meta"
+        assert all(p.weight.device.type == "cpu" for p in parts)  # dropped again after their forward
+    assert seen == [("meta", ["meta", "cpu", "cpu"]), ("meta", ["cpu", "meta", "cpu"]),
+                    ("meta", ["cpu", "cpu", "meta"])]
+    assert [t.data_ptr() for t in model.parameters()] == host  # the host tensors are back
+    assert all(not p._forward_pre_hooks and len(p._forward_hooks) == 1 for p in parts)  # only the test's hook is left
+
+
+def test_text_encoder_streams_everything_but_its_final_norm():
+    from tests.helpers.tiny_text import tiny_text_encoder
+
+    text = tiny_text_encoder()
+    streamed = {id(t) for part in text.layers for t in part.parameters()}
+    rest = [n for n, t in text.model.named_parameters() if id(t) not in streamed]
+    assert rest and all(n.split(".")[-2] == "final_layer_norm" for n in rest)
+    assert text.device == torch.device("cpu")
+
+
 # ---------------------------------------------------------------------------------------------
 # fp8 weight storage
 

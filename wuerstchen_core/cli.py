@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile Stage B and C (torch.compile; CUDA graphs on a GPU): the first run compiles for "
                         "about a minute on a GPU, and each new size or batch compiles again")
     g.add_argument("--low-vram", action="store_true",
-                   help="keep every model on the CPU and move each stage (text encoders too) to the device only "
-                        "while it runs")
+                   help="keep every model on the CPU and move each stage to the device only while it runs (the "
+                        "text encoders one layer at a time)")
     g.add_argument("--fp8", action="store_true",
                    help="store the Stage B/C Linear weights in float8 (about half the memory of fp16); "
                         "they compute in --dtype")
@@ -229,12 +229,12 @@ def _sample(args, prior, decoder, vqgan, prior_text, decoder_text, seed, decoder
     from . import pipeline
     from .performance import on_device
 
-    def stage(model):
-        return on_device(model, device) if args.low_vram else contextlib.nullcontext(model)
+    def stage(model, stream=()):
+        return on_device(model, device, stream) if args.low_vram else contextlib.nullcontext(model)
 
-    def embed(text, guided):
-        with stage(text.model):
-            return text.encode([args.prompt]), text.encode([args.negative_prompt]) if guided else None
+    def embed(text, guided):  # a text encoder runs once: low-VRAM streams it layer by layer
+        with stage(text.model, text.layers):
+            return pipeline.encode_prompt(text, args.prompt, args.negative_prompt, guided)
 
     report = {s: (lambda i, n, x, x0, s=s: progress(s, i + 1, n)) for s in ("Stage C", "Stage B")}
     latent = None if args.image is None else _encode_image(args, device, stage)

@@ -369,6 +369,15 @@ def encode_stage_a(vqgan: nn.Module, images: Tensor, *, device=None, dtype=None)
 # text -> image
 
 
+def encode_prompt(encoder, prompt: str, negative_prompt: str, guided: bool) -> tuple[Tensor, Tensor | None]:
+    """(cond [1,77,D], uncond [1,77,D] or None without guidance) from a TextEncoder; both prompts go
+    through one forward, which at batch 1 costs what one prompt does (it is launch-bound)."""
+    if not guided:
+        return encoder.encode([prompt]), None
+    both = encoder.encode([prompt, negative_prompt])
+    return both[:1], both[1:]
+
+
 def generate(prior: nn.Module, decoder: nn.Module, vqgan: nn.Module, prior_text, decoder_text, prompt: str,
              negative_prompt: str = "", *, width: int = 1024, height: int = 1024, batch: int = 1, seed: int = 0,
              decoder_seed: int | None = None, prior_steps: int | None = None, prior_timesteps=None,
@@ -387,18 +396,12 @@ def generate(prior: nn.Module, decoder: nn.Module, vqgan: nn.Module, prior_text,
     def report(stage):
         return None if progress is None else lambda i, n, x, x0: progress(stage, i + 1, n)
 
-    def embed(encoder, guided):  # prompt and negative prompt in one forward: at batch 1 it is launch-bound
-        if not guided:
-            return encoder.encode([prompt]), None
-        both = encoder.encode([prompt, negative_prompt])
-        return both[:1], both[1:]
-
     seeds = image_seeds(seed, batch)
-    c_cond, c_uncond = embed(prior_text, prior_cfg > 1)
+    c_cond, c_uncond = encode_prompt(prior_text, prompt, negative_prompt, prior_cfg > 1)
     c = sample_stage_c(prior, c_cond, c_uncond, height=height, width=width, seeds=seeds,
                        timesteps=prior_timesteps, steps=prior_steps, cfg=prior_cfg, sampler=sampler,
                        callback=report("Stage C"))
-    b_cond, b_uncond = embed(decoder_text, decoder_cfg > 1)
+    b_cond, b_uncond = encode_prompt(decoder_text, prompt, negative_prompt, decoder_cfg > 1)
     b = sample_stage_b(decoder, c, b_cond, b_uncond, seeds=image_seeds(seed if decoder_seed is None else decoder_seed, batch),
                        steps=decoder_steps, cfg=decoder_cfg, sampler=sampler, callback=report("Stage B"))
     images = decode_stage_a(vqgan, b, tile=tile)

@@ -62,11 +62,22 @@ class TextEncoder:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the forward runs: the final LayerNorm's device (it is never streamed, see `layers`)."""
+        return self._tower.final_layer_norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def layers(self) -> list[torch.nn.Module]:
+        """The parts that run once each per forward, in order (token embedding, transformer layers):
+        what low-VRAM mode uploads one at a time (performance.on_device's `stream`)."""
+        return [self._tower.embeddings, *self._tower.encoder.layers]
+
+    @property
+    def _tower(self) -> torch.nn.Module:  # transformers 4 wraps the tower in `text_model`, 5 does not
+        return getattr(self.model, "text_model", self.model)
 
     @torch.inference_mode()
     def encode(self, prompts: list[str] | str) -> Tensor:

@@ -343,12 +343,30 @@ def main():
     free(device)
     log(f"resident after the diffusers sections: {resident_gib(device):.2f} GiB")
 
-    if section("all_resident", 5):  # the clean peak: no reference module holds a second copy any more
+    def stage_slopes(size):
+        """Each sampling stage run for 2 and for 12 steps, as the pipeline runs it: the difference is the
+        cost of a step inside the loop (to set against the bare forward's), the rest the per-run cost."""
+        text_c, text_b = m["text_c"], m["text_b"]
+        cond_c, unc_c = wp.encode_prompt(text_c, PROMPT, "", True)
+        cond_b = text_b.encode([PROMPT])
+        c = wp.sample_stage_c(m["prior"], cond_c, unc_c, height=size, width=size, steps=2, device=device)
+        runs = {"c": lambda k: wp.sample_stage_c(m["prior"], cond_c, unc_c, height=size, width=size, steps=k,
+                                                 device=device),
+                "b": lambda k: wp.sample_stage_b(m["decoder"], c, cond_b, steps=k, device=device)}
+        out = {}
+        for name, run in runs.items():
+            t2, t12 = (timed(lambda k=k: run(k), device, 3, 1) for k in (2, 12))
+            out[f"{name}_step_ms"] = (t12 - t2) / 10 * 1e3
+            out[f"{name}_per_run_ms"] = (t2 * 1e3 - 2 * out[f"{name}_step_ms"])
+        return out
+
+    if section("all_resident", 10):  # the clean peak: no reference module holds a second copy any more
         box, stages = {}, {}
         with peak_memory(device, box):
             staged_generate(m, base, low_vram=False, stats=stages)
         results["sections"]["all_resident"] = dict(size=base, peak_gib=box.get("peak_gib"),
-                                                   resident_before_gib=resident_gib(device), stages=stages)
+                                                   resident_before_gib=resident_gib(device), stages=stages,
+                                                   in_pipeline=stage_slopes(base))
         log(results["sections"]["all_resident"])
         save()
 

@@ -282,11 +282,12 @@ def main():
         seeds = list(range(batch))
         with stage("text bigG", text_c.model, low_vram, stats, text_c.layers):  # as the CLI does it
             cond_c, unc_c = wp.encode_prompt(text_c, PROMPT, "", True)
-        with stage("Stage C", models["prior"], low_vram, stats) as prior:
+        prior, decoder = models["prior"], models["decoder"]  # their text mappers stream, as in the CLI
+        with stage("Stage C", prior, low_vram, stats, prior.conditioning_layers) as prior:
             c = wp.sample_stage_c(prior, cond_c, unc_c, height=size, width=size, seeds=seeds, cfg=4.0, device=device)
         with stage("text H", text_b.model, low_vram, stats, text_b.layers):
             cond_b = text_b.encode([PROMPT])
-        with stage("Stage B", models["decoder"], low_vram, stats) as decoder:
+        with stage("Stage B", decoder, low_vram, stats, decoder.conditioning_layers) as decoder:
             b = wp.sample_stage_b(decoder, c, cond_b, seeds=seeds, device=device)
         with stage("Stage A", models["vqgan"], low_vram, stats) as vq:
             return wp.decode_stage_a(vq, b)

@@ -58,12 +58,15 @@ def stage_peaks(nets, side: int = 1024, batch: int = 1, tile: int | None = None,
 
 
 def low_vram_weight_bytes(name: str, net) -> int:
-    """Weights on the device during a low-VRAM stage: a text encoder's layers visit it one at a time
-    (performance.on_device's `stream`, as the CLI runs it); the other networks are there whole."""
-    if name not in TOWERS:
-        return memory.weight_bytes(net)
-    parts = [memory.weight_bytes(part) for part in TextEncoder(net, tokenizer=None).layers]
-    return memory.weight_bytes(net) - sum(parts) + max(parts)
+    """Weights on the device during a low-VRAM stage, as the CLI runs it: the parts it streams
+    (performance.on_device's `stream`: a text encoder's layers, Stage B/C's text mappers) visit the
+    device one at a time, the rest is there for the whole stage."""
+    if name in TOWERS:
+        streamed = TextEncoder(net, tokenizer=None).layers
+    else:
+        streamed = getattr(net, "conditioning_layers", [])
+    parts = [memory.weight_bytes(part) for part in streamed]
+    return memory.weight_bytes(net) - sum(parts) + max(parts, default=0)
 
 
 def predict(nets, side: int = 1024, batch: int = 1, tile: int | None = None) -> dict:

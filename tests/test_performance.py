@@ -79,6 +79,29 @@ def test_on_device_streams_parts_one_at_a_time():
     assert all(not p._forward_pre_hooks and len(p._forward_hooks) == 1 for p in parts)  # only the test's hook is left
 
 
+@pytest.mark.parametrize("kind", ["prior", "decoder"])
+@torch.no_grad()
+def test_conditioning_layers_run_once_per_run_and_never_in_a_step(kind):
+    """Low-VRAM streams conditioning_layers: right only if condition() runs each of them once and the
+    step (forward with the prepared cond) none of them."""
+    model = tiny_prior() if kind == "prior" else tiny_decoder().fold_effnet()
+    calls = []
+    for layer in model.conditioning_layers:
+        layer.register_forward_hook(lambda m, *_: calls.append(m))
+    if kind == "prior":
+        x, r, clip = prior_inputs(model)
+        cond = model.condition(clip)
+    else:
+        x, r, effnet, clip = decoder_inputs(model)
+        cond = model.condition(effnet, clip, x.shape[-2:])
+    assert sorted(map(id, calls)) == sorted(map(id, model.conditioning_layers))
+    calls.clear()
+    model(x, r, cond=cond)
+    assert calls == []
+    streamed = {id(t) for layer in model.conditioning_layers for t in layer.parameters()}
+    assert sum(t.numel() for t in model.parameters() if id(t) in streamed) > 0
+
+
 def test_text_encoder_streams_everything_but_its_final_norm():
     from tests.helpers.tiny_text import tiny_text_encoder
 

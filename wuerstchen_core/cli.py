@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile Stage B and C (torch.compile; CUDA graphs on a GPU): the first run compiles for "
                         "about a minute on a GPU, and each new size or batch compiles again")
     g.add_argument("--low-vram", action="store_true",
-                   help="keep every model on the CPU and move each stage to the device only while it runs (the "
-                        "text encoders one layer at a time)")
+                   help="keep every model on the CPU and move each stage to the device only while it runs (what "
+                        "runs once per image, the text encoders and the Stage B/C text mappers, one layer at a time)")
     g.add_argument("--fp8", action="store_true",
                    help="store the Stage B/C Linear weights in float8 (about half the memory of fp16); "
                         "they compute in --dtype")
@@ -239,13 +239,13 @@ def _sample(args, prior, decoder, vqgan, prior_text, decoder_text, seed, decoder
     report = {s: (lambda i, n, x, x0, s=s: progress(s, i + 1, n)) for s in ("Stage C", "Stage B")}
     latent = None if args.image is None else _encode_image(args, device, stage)
     c_cond, c_uncond = embed(prior_text, args.prior_cfg > 1)
-    with stage(prior):
+    with stage(prior, prior.conditioning_layers):  # the text mappers run once per run: streamed
         c = pipeline.sample_stage_c(
             prior, c_cond, c_uncond, latent=latent, height=args.height, width=args.width,
             seeds=pipeline.image_seeds(seed, args.batch), steps=args.prior_steps, cfg=args.prior_cfg,
             sampler=args.sampler, denoise=1.0 if latent is None else args.denoise, callback=report["Stage C"])
     b_cond, b_uncond = embed(decoder_text, args.decoder_cfg > 1)
-    with stage(decoder):
+    with stage(decoder, decoder.conditioning_layers):
         b = pipeline.sample_stage_b(
             decoder, c, b_cond, b_uncond, seeds=pipeline.image_seeds(decoder_seed, args.batch),
             steps=args.decoder_steps, cfg=args.decoder_cfg, sampler=args.sampler, callback=report["Stage B"])

@@ -166,6 +166,12 @@ class WuerstchenDecoder(nn.Module):
                     out.append((resized[size], *block.effnet_weights(mapper, dtype)))
         return out
 
+    @property
+    def conditioning_layers(self) -> list[nn.Module]:
+        """The layers only condition() runs, once per sampling run (the text mappers): what low-VRAM mode
+        streams through the device instead of holding it for every step (performance.on_device)."""
+        return [self.clip_mapper, *(m.kv_mapper[1] for m in self.modules() if isinstance(m, AttnBlock))]
+
     def fold_effnet(self) -> "WuerstchenDecoder":
         """Inference form (in place, once): every effnet-injected ResBlock keeps its effnet columns only
         as their product with the level's mapper (ResBlockStageB.fold_effnet): the public decoder's

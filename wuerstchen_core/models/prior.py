@@ -72,6 +72,12 @@ class WuerstchenPrior(nn.Module):
         silu_cond = F.silu(self.cond_mapper(clip))  # the kv_mappers' SiLU, shared by every AttnBlock
         return [attn.map_condition(silu_cond) for attn in self._attns]
 
+    @property
+    def conditioning_layers(self) -> list[nn.Module]:
+        """The layers only condition() runs, once per sampling run (the text mappers): what low-VRAM mode
+        streams through the device instead of holding it for every step (performance.on_device)."""
+        return [self.cond_mapper, *(attn.kv_mapper[1] for attn in self._attns)]
+
     def forward(self, x, r, clip=None, cond=None):
         """x [B,c_in,h,w], r [B] in [0,1], clip [B,T,c_cond] (or cond = condition(clip)) -> eps [B,c_in,h,w].
 

@@ -70,12 +70,17 @@ def low_vram_weight_bytes(name: str, net) -> int:
 
 
 def predict(nets, side: int = 1024, batch: int = 1, tile: int | None = None) -> dict:
-    """Predicted peaks: every model resident, or one model on the device at a time (low-VRAM)."""
+    """Predicted peaks: every model resident; the CLI's default (each text encoder loaded, run and
+    freed first, then Stage C, B and A resident); one model on the device at a time (low-VRAM)."""
     weights = {k: memory.weight_bytes(v) for k, v in nets.items()}
     peaks = stage_peaks(nets, side, batch, tile)
     per_stage = {k: low_vram_weight_bytes(k, nets[k]) + peaks[k] + memory.WORKSPACE for k in peaks}
+    sampling = [k for k in nets if k not in TOWERS]
+    cli_default = max(*(weights[k] + peaks[k] for k in TOWERS),
+                      sum(weights[k] for k in sampling) + max(peaks[k] for k in sampling)) + memory.WORKSPACE
     return {"side": side, "batch": batch, "tile": tile, "weights_gib": sum(weights.values()) / GiB,
             "all_resident_gib": (sum(weights.values()) + max(peaks.values()) + memory.WORKSPACE) / GiB,
+            "cli_default_gib": cli_default / GiB,
             "low_vram_gib": max(per_stage.values()) / GiB,
             "low_vram_by_stage_gib": {k: round(v / GiB, 3) for k, v in per_stage.items()},
             "activations_gib": {k: round(v / GiB, 3) for k, v in peaks.items()}}
@@ -89,10 +94,11 @@ def main():
     rows = {"fp16 1024²": predict(fp16), "fp16 1024² batch 4": predict(fp16, batch=4),
             "fp16 2048²": predict(fp16, 2048), "fp16 2048² tiled 128": predict(fp16, 2048, tile=128),
             "fp8 B/C 1024²": predict(fp8)}
-    print(f"{'configuration':<22} {'weights':>8} {'all resident':>13} {'low-VRAM':>9}  (GiB; low-VRAM by stage)")
+    print(f"{'configuration':<22} {'weights':>8} {'all resident':>13} {'CLI default':>12} {'low-VRAM':>9}  "
+          "(GiB; low-VRAM by stage)")
     for name, r in rows.items():
-        print(f"{name:<22} {r['weights_gib']:8.2f} {r['all_resident_gib']:13.2f} {r['low_vram_gib']:9.2f}  "
-              f"{r['low_vram_by_stage_gib']}")
+        print(f"{name:<22} {r['weights_gib']:8.2f} {r['all_resident_gib']:13.2f} {r['cli_default_gib']:12.2f} "
+              f"{r['low_vram_gib']:9.2f}  {r['low_vram_by_stage_gib']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"torch": torch.__version__, "rows": rows}, f, indent=1)

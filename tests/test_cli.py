@@ -195,3 +195,33 @@ def test_speed_flags_parse_and_fast_is_documented():
     assert not (args.fast or args.low_vram or args.fp8)
     generate = cli.build_parser()._subparsers._group_actions[0].choices["generate"]
     assert "about a minute" in " ".join(generate.format_help().split())
+
+
+def test_text_encoders_are_freed_before_the_sampling_models_load(capsys, repos, tmp_path, monkeypatch):
+    """They run once, at the start: the default (all on the device) run never holds them together with
+    Stage B/C, so its peak is the sampling models alone."""
+    import gc
+    import weakref
+
+    from wuerstchen_core import loading
+
+    towers, alive_at_prior_load = [], []
+    load_text, load_prior = loading.load_text_encoder, loading.load_prior
+
+    def recording_text(*a, **k):
+        text = load_text(*a, **k)
+        towers.append(weakref.ref(text.model))
+        return text
+
+    def checking_prior(*a, **k):
+        gc.collect()
+        alive_at_prior_load.extend(ref() is not None for ref in towers)
+        return load_prior(*a, **k)
+
+    monkeypatch.setattr(loading, "load_text_encoder", recording_text)
+    monkeypatch.setattr(loading, "load_prior", checking_prior)
+    code, _, err = _main(capsys, "generate", "--prior", str(repos[0]), "--decoder", str(repos[1]), "--prompt", "a cat",
+                         "--width", "256", "--height", "256", "--prior-steps", "1", "--decoder-steps", "1",
+                         "--device", "cpu", "--output", str(tmp_path / "freed.png"))
+    assert code == 0, err
+    assert alive_at_prior_load == [False, False]

@@ -122,6 +122,14 @@ def test_all_stages_resident_fit_6_5_gib(public):
     assert predict(public)["all_resident_gib"] <= 6.5
 
 
+def test_cli_default_frees_the_text_encoders_before_sampling(public):
+    """The CLI runs the text encoders first and frees them (tests/test_cli.py checks the order): its
+    default peak is Stage B + C + A resident, under 4 GiB at 1024² and under 6 at batch 4 or 2048²."""
+    assert predict(public)["cli_default_gib"] < 4.0
+    assert predict(public, batch=4)["cli_default_gib"] < 6.0
+    assert predict(public, 2048)["cli_default_gib"] < 6.0
+
+
 def test_2048_fits_under_8_gib_all_resident(public):
     assert predict(public, 2048, tile=128)["all_resident_gib"] < 8
     assert predict(public, 2048)["all_resident_gib"] < 8  # even untiled

@@ -189,16 +189,15 @@ def generate(args) -> int:
     device, dtype = _device_and_dtype(args)
     home = "cpu" if args.low_vram else device  # where the models wait between stages
     progress = _Progress()
+    bigg_path = _part(args.prior_text_encoder, args.prior, "--prior-text-encoder", "the CLIP bigG text encoder")
+    h_path = _part(args.decoder_text_encoder, args.decoder, "--decoder-text-encoder", "the CLIP H text encoder")
+    vqgan_path = _part(args.vqgan, args.decoder, "--vqgan", "the Stage A VQGAN")
+    progress.note(f"encoding the prompt ({dtype} on {device})")
+    embeddings = _encode_prompts(args, bigg_path, h_path, dtype, home, device)
     progress.note(f"loading models ({dtype} on {device}{', offloaded to the CPU' if args.low_vram else ''})")
     prior = loading.load_prior(args.prior, dtype, home)
-    prior_text = loading.load_text_encoder(
-        _part(args.prior_text_encoder, args.prior, "--prior-text-encoder", "the CLIP bigG text encoder"),
-        "bigG", dtype, home)
     decoder = loading.load_decoder(args.decoder, dtype, home)
-    decoder_text = loading.load_text_encoder(
-        _part(args.decoder_text_encoder, args.decoder, "--decoder-text-encoder", "the CLIP H text encoder"),
-        "H", dtype, home)
-    vqgan = loading.load_vqgan(_part(args.vqgan, args.decoder, "--vqgan", "the Stage A VQGAN"), dtype, home)
+    vqgan = loading.load_vqgan(vqgan_path, dtype, home)
     if args.fp8:
         prior, decoder = map(performance.store_linear_weights_in_fp8, (prior, decoder))
     if args.fast:  # CUDA graphs keep weight addresses: not with --low-vram, which re-uploads every image
@@ -216,35 +215,55 @@ def generate(args) -> int:
     else:
         settings["image"] = args.image
     with performance.compile_errors("--fast", enabled=args.fast):
-        images = _sample(args, prior, decoder, vqgan, prior_text, decoder_text, seed, decoder_seed, device, progress)
+        images = _sample(args, prior, decoder, vqgan, embeddings, seed, decoder_seed, device, progress)
     for i, (image, path) in enumerate(zip(images, outputs)):
         _save_png(image, path, settings | {"seed": seed + i, "decoder_seed": decoder_seed + i})
         print(path)
     return 0
 
 
-def _sample(args, prior, decoder, vqgan, prior_text, decoder_text, seed, decoder_seed, device, progress):
+def _stage(args, device, model, stream=()):
+    """With --low-vram: `model` on the device only inside the block, `stream` parts one at a time."""
+    from .performance import on_device
+
+    return on_device(model, device, stream) if args.low_vram else contextlib.nullcontext(model)
+
+
+def _encode_prompts(args, bigg_path, h_path, dtype, home, device):
+    """((cond, uncond) for Stage C, (cond, uncond) for Stage B). Each text encoder is loaded, runs once
+    and is freed before the next model loads, so the sampling stages never share the device with
+    them (with --low-vram they also stream through it layer by layer)."""
+    import torch
+
+    from . import loading, pipeline
+
+    embeddings = []
+    for path, tower, guided in ((bigg_path, "bigG", args.prior_cfg > 1), (h_path, "H", args.decoder_cfg > 1)):
+        text = loading.load_text_encoder(path, tower, dtype, home)
+        with _stage(args, device, text.model, text.layers):
+            embeddings.append(pipeline.encode_prompt(text, args.prompt, args.negative_prompt, guided))
+        del text
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # hand the text encoders' memory back, not just to our allocator
+    return embeddings
+
+
+def _sample(args, prior, decoder, vqgan, embeddings, seed, decoder_seed, device, progress):
     """Stage C (from noise, or from --image encoded by the EfficientNet), then Stage B and Stage A.
     With --low-vram each model visits the device only for its own stage."""
     from . import pipeline
-    from .performance import on_device
 
     def stage(model, stream=()):
-        return on_device(model, device, stream) if args.low_vram else contextlib.nullcontext(model)
+        return _stage(args, device, model, stream)
 
-    def embed(text, guided):  # a text encoder runs once: low-VRAM streams it layer by layer
-        with stage(text.model, text.layers):
-            return pipeline.encode_prompt(text, args.prompt, args.negative_prompt, guided)
-
+    (c_cond, c_uncond), (b_cond, b_uncond) = embeddings
     report = {s: (lambda i, n, x, x0, s=s: progress(s, i + 1, n)) for s in ("Stage C", "Stage B")}
     latent = None if args.image is None else _encode_image(args, device, stage)
-    c_cond, c_uncond = embed(prior_text, args.prior_cfg > 1)
     with stage(prior, prior.conditioning_layers):  # the text mappers run once per run: streamed
         c = pipeline.sample_stage_c(
             prior, c_cond, c_uncond, latent=latent, height=args.height, width=args.width,
             seeds=pipeline.image_seeds(seed, args.batch), steps=args.prior_steps, cfg=args.prior_cfg,
             sampler=args.sampler, denoise=1.0 if latent is None else args.denoise, callback=report["Stage C"])
-    b_cond, b_uncond = embed(decoder_text, args.decoder_cfg > 1)
     with stage(decoder, decoder.conditioning_layers):
         b = pipeline.sample_stage_b(
             decoder, c, b_cond, b_uncond, seeds=pipeline.image_seeds(decoder_seed, args.batch),

@@ -477,6 +477,35 @@ def main():
             log(results["sections"]["fast_mode"][-1])
             save()
 
+    # ---- the eager kernels replayed from a captured CUDA graph, no compile: how much of an eager step is
+    # launch overhead, i.e. what a CUDA-graph mode without torch.compile's minute-long compile could give.
+    # Last but the optional sweep: a failed capture can leave the CUDA context unusable for later sections.
+    if section("graphed_eager", 15) and device.type == "cuda":
+        rows = []
+        for batch in (1, 8):
+            row = dict(size=base, batch=batch)
+            for name, fn in zip("cb", step_fns(m["prior"], m["decoder"], base, batch)):
+                graph = None
+                try:
+                    with torch.no_grad():
+                        side = torch.cuda.Stream()  # warm up off the default stream, as capture requires
+                        side.wait_stream(torch.cuda.current_stream())
+                        with torch.cuda.stream(side):
+                            fn(), fn()
+                        torch.cuda.current_stream().wait_stream(side)
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph):
+                            fn()
+                    row[f"{name}_ms"] = timed(graph.replay, device, 10, 2) * 1e3
+                except Exception as e:  # a capture failure is a finding, not the end of the run
+                    row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+                graph = None
+                free(device)
+            rows.append(row)
+            log(row)
+        results["sections"]["graphed_eager"] = rows
+        save()
+
     # ---- fast-mode steps at the other shapes of the eager sweep: one compile each (≈ 50 s on the H200),
     # so it does not fit the default budget after the rest; run it alone with --only fast_sweep
     if section("fast_sweep", 240 if not tiny else 60):

@@ -329,8 +329,10 @@ def main():
                         ref_t.append(timed(lambda: ref_run(size), device, 1, 0))
             stages = {}
             staged_generate(m, size, low_vram=False, stats=stages)  # where the time goes
+            # the peaks here include diffusers' modules (the full Stage B weights ours no longer hold after the
+            # fold); the clean all-resident peak is measured after they are dropped (section all_resident)
             row = dict(size=size, ours_s=statistics.median(ours_t), ours_peak_gib=box.get("peak_gib"), stages=stages,
-                       fp16_fallbacks_so_far=len(fallbacks))
+                       resident_gib=resident_gib(device), fp16_fallbacks_so_far=len(fallbacks))
             if ref_t:
                 row.update(diffusers_s=statistics.median(ref_t), diffusers_peak_gib=ref_box.get("peak_gib"),
                            speedup=statistics.median(ref_t) / statistics.median(ours_t))

@@ -113,6 +113,20 @@ def test_wrong_file_for_prior(capsys, repos, tmp_path, wrong):
     assert expected in err
 
 
+def test_a_wrong_folder_fails_before_the_text_encoders_load(capsys, repos, monkeypatch):
+    from wuerstchen_core import loading
+
+    def no_text(*a, **k):
+        raise AssertionError("a text encoder was loaded before the prior's path was checked")
+
+    monkeypatch.setattr(loading, "load_text_encoder", no_text)
+    prior_repo, decoder_repo = repos
+    code, _, err = _main(capsys, "generate", "--prior", str(decoder_repo), "--decoder", str(decoder_repo),
+                         "--prompt", "x", "--prior-text-encoder", str(prior_repo), "--device", "cpu")
+    _one_line_error(code, err)
+    assert "no prior/" in err
+
+
 def test_component_file_needs_its_companions(capsys, repos):
     prior_repo, decoder_repo = repos
     code, _, err = _main(capsys, "generate", "--prior", str(prior_repo / "prior" / "diffusion_pytorch_model.safetensors"),

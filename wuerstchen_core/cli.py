@@ -192,6 +192,8 @@ def generate(args) -> int:
     bigg_path = _part(args.prior_text_encoder, args.prior, "--prior-text-encoder", "the CLIP bigG text encoder")
     h_path = _part(args.decoder_text_encoder, args.decoder, "--decoder-text-encoder", "the CLIP H text encoder")
     vqgan_path = _part(args.vqgan, args.decoder, "--vqgan", "the Stage A VQGAN")
+    for path, kind in ((args.prior, "prior"), (args.decoder, "decoder"), (vqgan_path, "vqgan")):
+        loading.resolve_component(path, kind)  # a wrong folder or file type fails now, not after the text
     progress.note(f"encoding the prompt ({dtype} on {device})")
     embeddings = _encode_prompts(args, bigg_path, h_path, dtype, home, device)
     progress.note(f"loading models ({dtype} on {device}{', offloaded to the CPU' if args.low_vram else ''})")

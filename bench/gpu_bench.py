@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from wuerstchen_core import memory  # noqa: E402
 from wuerstchen_core import pipeline as wp  # noqa: E402
 from wuerstchen_core.models import (  # noqa: E402
     DecoderConfig, PaellaVQGAN, PriorConfig, VQGANConfig, WuerstchenDecoder, WuerstchenPrior)
@@ -367,7 +368,7 @@ def main():
         box, stages = {}, {}
         with peak_memory(device, box):
             staged_generate(m, base, low_vram=False, stats=stages)
-        text_gib = sum(p.numel() * p.element_size() for k in ("text_c", "text_b") for p in m[k].model.parameters())
+        text_gib = sum(memory.weight_bytes(m[k].model) for k in ("text_c", "text_b"))
         # the CLI's default peak (text encoders freed before sampling) = a sampling stage's peak - text_weights_gib
         results["sections"]["all_resident"] = dict(size=base, peak_gib=box.get("peak_gib"),
                                                    resident_before_gib=resident_gib(device), stages=stages,

@@ -6,6 +6,7 @@ traceback. Progress goes to stderr when it is a terminal; written file names go 
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -255,9 +256,7 @@ def _sample(args, prior, decoder, vqgan, embeddings, seed, decoder_seed, device,
     With --low-vram each model visits the device only for its own stage."""
     from . import pipeline
 
-    def stage(model, stream=()):
-        return _stage(args, device, model, stream)
-
+    stage = functools.partial(_stage, args, device)
     (c_cond, c_uncond), (b_cond, b_uncond) = embeddings
     report = {s: (lambda i, n, x, x0, s=s: progress(s, i + 1, n)) for s in ("Stage C", "Stage B")}
     latent = None if args.image is None else _encode_image(args, device, stage)

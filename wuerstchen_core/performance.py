@@ -63,15 +63,15 @@ def on_device(model: nn.Module, device, stream: Sequence[nn.Module] = ()):
                 t.data = t.data.pin_memory()
     slots = tensor_slots(model)
     home = [t.data for _, _, t in slots]
-    streamed = {id(t) for part in stream for _, _, t in tensor_slots(part)}
+    part_slots = [tensor_slots(part) for part in stream]
+    streamed = {id(t) for slots_of_part in part_slots for _, _, t in slots_of_part}
     hooks = []
     try:
         _upload([slot for slot in slots if id(slot[2]) not in streamed], device)
-        for part in stream:
-            part_slots = tensor_slots(part)
-            part_home = [t.data for _, _, t in part_slots]
-            hooks += [part.register_forward_pre_hook(lambda *_, s=part_slots: _upload(s, device)),
-                      part.register_forward_hook(lambda *_, s=part_slots, h=part_home: restore_slots(s, h))]
+        for part, slots_of_part in zip(stream, part_slots):
+            part_home = [t.data for _, _, t in slots_of_part]
+            hooks += [part.register_forward_pre_hook(lambda *_, s=slots_of_part: _upload(s, device)),
+                      part.register_forward_hook(lambda *_, s=slots_of_part, h=part_home: restore_slots(s, h))]
         yield model
     finally:
         for hook in hooks:

@@ -391,12 +391,16 @@ def main():
         to_host(models)
         resident = resident_gib(device)
         box, stages = {}, {}
-        staged_generate(models, base)
-        with peak_memory(device, box):
-            t = timed(lambda: staged_generate(models, base), device, 2, 0)
-        staged_generate(models, base, stats=stages)
-        results["sections"][name] = dict(size=base, s=t, peak_gib=box.get("peak_gib"), resident_before_gib=resident,
-                                         stages=stages, fp16_fallbacks_so_far=len(fallbacks))
+        try:
+            staged_generate(models, base)
+            with peak_memory(device, box):
+                t = timed(lambda: staged_generate(models, base), device, 2, 0)
+            staged_generate(models, base, stats=stages)
+            results["sections"][name] = dict(size=base, s=t, peak_gib=box.get("peak_gib"),
+                                             resident_before_gib=resident, stages=stages,
+                                             fp16_fallbacks_so_far=len(fallbacks))
+        except Exception as e:  # a failure here is a finding; the later sections still run
+            results["sections"][name] = f"failed: {type(e).__name__}: {e}"
         log(results["sections"][name])
         for mod in modules(m):
             mod.to(device)

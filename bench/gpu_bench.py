@@ -7,13 +7,15 @@ preset with CFG 4 (batch 2 per image), Stage B 12 steps without CFG, Stage A dec
     python bench/gpu_bench.py --tiny --out DIR     # the same code paths with tiny models (CPU ok)
 
 Prints a table per section and writes DIR/gpu_bench.json. Sections that would overrun --budget-s
-are skipped and say so; all of them took 6.5 minutes on an H200 (2026-11-26), most of it the two compiles of
-fast mode (batch 1 and batch 8). The last section, fast-mode steps at batch 2/4 and 1536²/2048² (a
-compile per shape), does not fit after them: `--only fast_sweep` runs it alone (≈ 4 min).
+are skipped and say so; all of them took 5.5 minutes on an H200 (2026-11-26, run 6; two sections
+added since, ≈ 0.5 min), most of it the two compiles of fast mode (batch 1 and batch 8, 87 s each). The
+last section, fast-mode steps at batch 2/4 and 1536²/2048² (a compile per shape, 90–100 s each), does
+not fit after them: `--only fast_sweep --budget-s 420` runs it alone (≈ 7 min).
 diffusers is needed only for the "diffusers" rows (test-only reference).
 """
 
 import argparse
+import importlib.metadata
 import contextlib
 import dataclasses
 import gc
@@ -31,7 +33,8 @@ from wuerstchen_core import memory  # noqa: E402
 from wuerstchen_core import pipeline as wp  # noqa: E402
 from wuerstchen_core.models import (  # noqa: E402
     DecoderConfig, PaellaVQGAN, PriorConfig, VQGANConfig, WuerstchenDecoder, WuerstchenPrior)
-from wuerstchen_core.performance import compile_model, on_device, store_linear_weights_in_fp8  # noqa: E402
+from wuerstchen_core.performance import (  # noqa: E402
+    GraphedNetwork, capture_cuda_graph, compile_model, on_device, store_linear_weights_in_fp8)
 from wuerstchen_core.schedule import stage_c_preset  # noqa: E402
 from wuerstchen_core.text import TextEncoder, load_tokenizer  # noqa: E402
 
@@ -201,7 +204,8 @@ def main():
     skip = set(filter(None, args.skip.split(",")))
     only = set(filter(None, args.only.split(",")))
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "dtype": str(dtype), "tiny": tiny, "sections": {}}
+               "torch": torch.__version__, "transformers": importlib.metadata.version("transformers"),
+               "date": time.strftime("%Y-%m-%d %H:%M %Z"), "dtype": str(dtype), "tiny": tiny, "sections": {}}
 
     def log(*a):
         print(f"[{time.perf_counter() - t_start:6.1f}s]", *a, flush=True)
@@ -484,6 +488,15 @@ def main():
             log(results["sections"]["fast_mode"][-1])
             save()
 
+    # ---- where a batch-8 step's device time goes, by operator (the batch-8 fast target is compute- and
+    # memory-bound, so the question is which kernels, not how many)
+    if section("profile", 15 if not tiny else 10):
+        results["sections"]["profile"] = {name: op_breakdown(fn, device) for name, fn in
+                                          zip(("Stage C", "Stage B"), step_fns(m["prior"], m["decoder"], base, 8))}
+        for name, rows in results["sections"]["profile"].items():
+            log(name, "batch 8, top operators by self device time:", rows[:8])
+        save()
+
     # ---- the eager kernels replayed from a captured CUDA graph, no compile: how much of an eager step is
     # launch overhead, i.e. what a CUDA-graph mode without torch.compile's minute-long compile could give.
     # Last but the optional sweep: a failed capture can leave the CUDA context unusable for later sections.
@@ -492,28 +505,45 @@ def main():
         for batch in (1, 8):
             row = dict(size=base, batch=batch)
             for name, fn in zip("cb", step_fns(m["prior"], m["decoder"], base, batch)):
-                graph = None
+                replay = None
                 try:
                     with torch.no_grad():
-                        side = torch.cuda.Stream()  # warm up off the default stream, as capture requires
-                        side.wait_stream(torch.cuda.current_stream())
-                        with torch.cuda.stream(side):
-                            fn(), fn()
-                        torch.cuda.current_stream().wait_stream(side)
-                        graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(graph):
-                            fn()
-                    row[f"{name}_ms"] = timed(graph.replay, device, 10, 2) * 1e3
+                        _, replay, _ = capture_cuda_graph(fn, device)
+                    row[f"{name}_ms"] = timed(replay, device, 10, 2) * 1e3
                 except Exception as e:  # a capture failure is a finding, not the end of the run
                     row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
-                graph = None
+                replay = None
                 free(device)
             rows.append(row)
             log(row)
         results["sections"]["graphed_eager"] = rows
         save()
 
-    # ---- fast-mode steps at the other shapes of the eager sweep: one compile each (≈ 50 s on the H200),
+    # ---- the CLI's --cuda-graphs: whole images with Stage B/C steps replayed from CUDA graphs
+    if section("cuda_graphs", 20):  # on the CPU (--tiny) GraphedNetwork runs eager: a dry run of the code
+        rows = []
+        for batch in (1, 8):
+            graphed = dict(m, prior=GraphedNetwork(m["prior"]), decoder=GraphedNetwork(m["decoder"]))
+            try:
+                t0 = time.perf_counter()
+                ours_generate(graphed, base, batch)  # captures each network once
+                sync(device)
+                row = dict(size=base, batch=batch, first_run_s=time.perf_counter() - t0)
+                box, row["stages"] = {}, {}
+                with peak_memory(device, box):
+                    row["s_per_image"] = timed(lambda: ours_generate(graphed, base, batch), device, 3, 0) / batch
+                row["peak_gib"] = box.get("peak_gib")
+                staged_generate(graphed, base, low_vram=False, stats=row["stages"], batch=batch)
+            except Exception as e:
+                row = dict(size=base, batch=batch, error=f"{type(e).__name__}: {e}"[:300])
+            graphed = None
+            free(device)
+            rows.append(row)
+            log(row)
+        results["sections"]["cuda_graphs"] = rows
+        save()
+
+    # ---- fast-mode steps at the other shapes of the eager sweep: one compile each (90–100 s on the H200),
     # so it does not fit the default budget after the rest; run it alone with --only fast_sweep
     if section("fast_sweep", 240 if not tiny else 60):
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
@@ -538,6 +568,28 @@ def main():
             results["sections"]["fast_sweep"] = rows
             save()
     return finish(results, args, log)
+
+
+def op_breakdown(fn, device, top=20, reps=3):
+    """`fn`'s operators ranked by their own time on `device` over `reps` calls (torch.profiler): name,
+    ms per call, share of the total, calls per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with torch.no_grad():
+        fn()
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(reps):
+                fn()
+            sync(device)
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    if cuda and not hasattr(torch.autograd.profiler_util.FunctionEventAvg, attr):
+        attr = "self_cuda_time_total"  # older torch
+    ops = [(e.key, getattr(e, attr), e.count) for e in prof.key_averages()]
+    total = sum(t for _, t, _ in ops) or 1
+    ops.sort(key=lambda o: -o[1])
+    return [dict(op=k[:120], ms=t / reps / 1e3, share=t / total, calls=c // reps) for k, t, c in ops[:top] if t > 0]
 
 
 def finish(results, args, log):

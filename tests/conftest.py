@@ -3,6 +3,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 ORACLE_DIR = os.path.join(os.path.dirname(__file__), ".oracle")
@@ -32,3 +33,22 @@ _make_torchvision_importable()
 # The tiny test models are far too small for intra-op threads to pay: on a busy 2-core machine
 # extra threads make small ops many times slower. One thread keeps the suite fast and stable.
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def fake_cuda_graphs(monkeypatch):
+    """performance.GraphedNetwork on the CPU, with a stand-in for a CUDA graph that behaves like one: a
+    replay runs the captured step on the static inputs as they are then and writes into the same output
+    tensor. Returns the shapes captured, in order."""
+    from wuerstchen_core import performance
+
+    captures = []
+
+    def capture(step, device, pool=None):
+        out = step()
+        captures.append(tuple(out.shape))
+        return out, lambda: out.copy_(step()), pool
+
+    monkeypatch.setattr(performance, "GRAPH_DEVICES", ("cpu",))
+    monkeypatch.setattr(performance, "capture_cuda_graph", capture)
+    return captures

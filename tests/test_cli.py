@@ -202,13 +202,39 @@ def test_fast_without_a_working_compiler_is_one_error_line(capsys, repos, tmp_pa
     assert not (tmp_path / "fast.png").exists()
 
 
-def test_speed_flags_parse_and_fast_is_documented():
+def test_speed_flags_parse_and_fast_is_documented(capsys):
     args = cli.build_parser().parse_args(["generate", "--prompt", "x", "--fast", "--low-vram", "--fp8"])
-    assert args.fast and args.low_vram and args.fp8
+    assert args.fast and args.low_vram and args.fp8 and not args.cuda_graphs
     args = cli.build_parser().parse_args(["generate", "--prompt", "x"])
-    assert not (args.fast or args.low_vram or args.fp8)
+    assert not (args.fast or args.low_vram or args.fp8 or args.cuda_graphs)
     generate = cli.build_parser()._subparsers._group_actions[0].choices["generate"]
-    assert "about a minute" in " ".join(generate.format_help().split())
+    assert "about 90 s on an H200" in " ".join(generate.format_help().split())
+    with pytest.raises(SystemExit):  # two ways of removing launch overhead: one at a time
+        cli.build_parser().parse_args(["generate", "--prompt", "x", "--fast", "--cuda-graphs"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_cuda_graphs_on_the_cpu_is_one_error_line(capsys, repos, tmp_path):
+    code, _, err = _main(capsys, "generate", "--prior", str(repos[0]), "--decoder", str(repos[1]), "--prompt", "a cat",
+                         "--device", "cpu", "--output", str(tmp_path / "g.png"), "--cuda-graphs")
+    _one_line_error(code, err)
+    assert "--cuda-graphs needs a CUDA device; the run would use cpu" in err
+
+
+def test_cuda_graphs_gives_the_eager_image(capsys, repos, tmp_path, fake_cuda_graphs):
+    """--cuda-graphs wraps Stage B and C (a stand-in for the CUDA graph on the CPU): the same PNG pixels
+    as the eager run, one capture per stage."""
+    def run(*flags):
+        out = tmp_path / f"graphs{len(flags)}.png"
+        code, _, err = _main(capsys, "generate", "--prior", str(repos[0]), "--decoder", str(repos[1]),
+                             "--prompt", "a cat", "--width", "256", "--height", "256", "--seed", "4",
+                             "--prior-steps", "3", "--decoder-steps", "2", "--device", "cpu", "--output", str(out),
+                             *flags)
+        assert code == 0, err
+        return list(Image.open(out).getdata())
+
+    assert run("--cuda-graphs") == run()
+    assert len(fake_cuda_graphs) == 2
 
 
 def test_text_encoders_are_freed_before_the_sampling_models_load(capsys, repos, tmp_path, monkeypatch):

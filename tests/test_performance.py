@@ -247,3 +247,85 @@ def test_a_failing_compile_is_one_clear_error_naming_the_node(models_dir, monkey
     out = sampling.STAGE_C_SAMPLER.execute(host, prior, pos, pos, latent, seed=3, steps=1, cfg=4.0, sampler="ddpm",
                                            denoise=1.0, fast_mode=False)[0]  # eager still works
     assert torch.isfinite(out["samples"]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA-graph mode (GraphedNetwork)
+
+
+def _stage_b(decoder, clip, seed, steps=3):
+    effnet = torch.randn(1, decoder.cfg.effnet_embd, 3, 3, generator=torch.Generator().manual_seed(seed))
+    return pipeline.sample_stage_b(decoder, effnet, clip, seeds=seed, steps=steps)
+
+
+def test_graphed_runs_equal_eager_runs_and_capture_once_per_shape(fake_cuda_graphs):
+    """Two sampling runs with different prompts: the second reuses the first's graph and must see its own
+    conditioning (copied into the graph's inputs once per run), or its image would be the first's."""
+    decoder = tiny_decoder().fold_effnet()
+    graphed = performance.GraphedNetwork(decoder)
+    clips = [torch.randn(1, 77, decoder.cfg.clip_embd, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    eager = [_stage_b(decoder, clip, seed) for seed, clip in enumerate(clips)]
+    replayed = [_stage_b(graphed, clip, seed) for seed, clip in enumerate(clips)]
+    assert not torch.equal(eager[0], eager[1])
+    for want, got in zip(eager, replayed):
+        assert torch.equal(got, want)
+    assert len(fake_cuda_graphs) == 1  # one shape, captured once for both runs
+    prior = tiny_prior()
+    x, r, clip = prior_inputs(prior)
+    with torch.no_grad():
+        graphed_prior = performance.GraphedNetwork(prior)
+        cond = prior.condition(clip)
+        for batch in (2, 1, 2):
+            assert torch.equal(graphed_prior(x[:batch], r[:batch], cond=[t[:batch] for t in cond]),
+                               prior(x[:batch], r[:batch], cond=[t[:batch] for t in cond]))
+    assert fake_cuda_graphs[1:] == [tuple(x.shape), (1, *x.shape[1:])]  # batch 2 captured once, kept
+
+
+def test_graphs_are_dropped_when_the_weights_move_or_change():
+    """A graph reads the weights at their captured addresses: after a cast (the fp16 fallback) or an
+    offload round trip they live elsewhere, and replaying would read freed memory."""
+    prior = tiny_prior()
+    graphed = performance.GraphedNetwork(prior)
+    x, r, clip = prior_inputs(prior)
+    with torch.no_grad():
+        graphed._new_run(prior.condition(clip))
+        graphed._graphs["some shape"] = "a captured graph"
+        graphed._new_run(prior.condition(clip))  # same weights: kept
+        assert list(graphed._graphs) == ["some shape"]
+        prior.to(torch.float64)
+        graphed._new_run(prior.condition(clip.double()))
+        assert not graphed._graphs
+
+
+def test_graphed_network_keeps_at_most_max_graphs(fake_cuda_graphs):
+    prior = tiny_prior()
+    graphed = performance.GraphedNetwork(prior, max_graphs=2)
+    with torch.no_grad():
+        cond = prior.condition(prior_inputs(prior)[2])
+        inputs = [(torch.randn(2, prior.cfg.c_in, size, size), torch.rand(2)) for size in (4, 5, 6, 4, 4)]
+        outputs = [graphed(x, r, cond=cond) for x, r in inputs]  # each stays valid after later replays
+        for (x, r), out in zip(inputs, outputs):
+            assert torch.equal(out, prior(x, r, cond=cond))
+    assert len(graphed._graphs) == 2 and [s[-1] for s in fake_cuda_graphs] == [4, 5, 6, 4]
+
+
+def test_graphed_network_runs_eager_where_it_cannot_capture(fake_cuda_graphs):
+    """Without a prepared cond, with autograd on, or on a device without CUDA graphs: the plain forward."""
+    prior = tiny_prior()
+    graphed = performance.GraphedNetwork(prior)
+    x, r, clip = prior_inputs(prior)
+    assert graphed.cfg is prior.cfg and graphed.conditioning_layers == prior.conditioning_layers
+    with torch.no_grad():
+        assert torch.equal(graphed(x, r, clip), prior(x, r, clip))
+    assert torch.equal(graphed(x, r, cond=prior.condition(clip)), prior(x, r, cond=prior.condition(clip)))
+    assert fake_cuda_graphs == []
+
+
+def test_graphed_network_is_eager_on_the_cpu_without_the_stand_in():
+    prior = tiny_prior()
+    graphed = performance.GraphedNetwork(prior)
+    x, r, clip = prior_inputs(prior)
+    with torch.no_grad():
+        cond = prior.condition(clip)
+        assert torch.equal(graphed(x, r, cond=cond), prior(x, r, cond=cond))
+    assert not graphed._graphs

@@ -1,15 +1,18 @@
 """Speed and memory options that do not change the networks: fp8 weight storage, stage-at-a-time
-offloading and compiled (static-shape, CUDA-graph) forwards.
+offloading, compiled (static-shape, CUDA-graph) forwards and eager forwards replayed from CUDA graphs.
 
 None of these is on by default; the CLI and the nodes expose each as an option.
 """
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import WuerstchenError
 
@@ -137,3 +140,111 @@ def compile_model(model: nn.Module, cuda_graphs: bool = True) -> nn.Module:
     """
     mode = "reduce-overhead" if cuda_graphs else "default"
     return torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
+
+
+@dataclass
+class _Captured:
+    """One captured step: its static inputs (refilled before each replay), output and replay."""
+    x: torch.Tensor
+    r: torch.Tensor
+    leaves: list  # the conditioning's tensors (None where the conditioning has None)
+    out: torch.Tensor
+    replay: object
+    run: int = -1  # the sampling run whose conditioning `leaves` hold
+
+
+class GraphedNetwork(nn.Module):
+    """Stage B or C whose sampling step is replayed from a CUDA graph: the eager kernels are captured
+    once per input shape and replayed at every later step, removing the per-kernel launch cost that
+    bounds an eager step at small batches, without torch.compile's compile of a minute and more per
+    shape (capturing takes three eager forwards). The kernels and results are the eager ones.
+
+    A step is `model(x, r, cond=model.condition(...))` with the conditioning prepared once per run (as
+    the samplers call it): a new `cond` object marks a new run, whose tensors are copied into the
+    captured graph's inputs once. Graphs hold the weights' addresses, so they are dropped when the
+    weights move or change dtype (offloading, the fp16 fallback); at most `max_graphs` shapes are kept.
+    Anything else (CPU, autograd, no prepared `cond`) runs the plain eager forward.
+    """
+
+    def __init__(self, model: nn.Module, max_graphs: int = 4):
+        super().__init__()
+        self.model, self.max_graphs = model, max_graphs
+        self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        # the current run's conditioning (held until the next run starts), its tensors and signature
+        self._cond, self._leaves, self._cond_key, self._run, self._weights = None, [], None, 0, None
+        self._pool = None
+
+    def __getattr__(self, name):  # cfg, condition(), conditioning_layers... of the wrapped network
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":  # not set yet (copy, unpickling): no recursion
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, x, r, *args, cond=None, **kwargs):
+        if cond is None or args or kwargs or x.device.type not in GRAPH_DEVICES or torch.is_grad_enabled():
+            return self.model(x, r, *args, cond=cond, **kwargs)
+        if cond is not self._cond:
+            self._new_run(cond)
+        key = (x.shape, x.stride(), x.dtype, x.device, r.shape, r.dtype, self._cond_key)
+        step = self._graphs.get(key)
+        if step is None:
+            step = self._graphs[key] = self._capture(x, r)
+        self._graphs.move_to_end(key)
+        if step.run != self._run:
+            for static, t in zip(step.leaves, self._leaves):
+                if static is not None:
+                    static.copy_(t)
+            step.run = self._run
+        step.x.copy_(x)
+        step.r.copy_(r)
+        step.replay()
+        return step.out.clone()  # the next replay overwrites `out`
+
+    def _new_run(self, cond) -> None:
+        leaves, spec = tree_flatten(cond)
+        self._cond, self._leaves, self._run = cond, leaves, self._run + 1
+        self._cond_key = (spec, tuple((t.shape, t.stride(), t.dtype) if isinstance(t, torch.Tensor) else t
+                                      for t in leaves))
+        weights = tuple((t.data_ptr(), t.dtype) for t in self.model.state_dict().values())
+        if weights != self._weights:  # captured graphs would read the old addresses
+            self._graphs.clear()
+            self._weights = weights
+
+    def _capture(self, x, r) -> _Captured:
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
+        # plain (not inference-mode) static tensors: refilled in place under either mode
+        with torch.inference_mode(False), torch.no_grad():
+            static_x, static_r = x.clone(), r.clone()
+            leaves = [t.clone() if isinstance(t, torch.Tensor) else None for t in self._leaves]
+            cond = tree_unflatten([s if s is not None else t for s, t in zip(leaves, self._leaves)],
+                                  self._cond_key[0])
+
+            def step():
+                return self.model(static_x, static_r, cond=cond)
+
+            # one memory pool for all of this network's graphs: they never replay at the same time
+            out, replay, self._pool = capture_cuda_graph(step, x.device, self._pool)
+        return _Captured(static_x, static_r, leaves, out, replay)
+
+
+GRAPH_DEVICES = ("cuda",)
+
+
+def capture_cuda_graph(step, device, pool=None):
+    """Run `step` twice on a side stream (cuBLAS/cuDNN pick their kernels and allocate workspaces
+    outside the capture), then capture it into `pool` (a new one if None): (its static output, the
+    graph's replay, the pool)."""
+    with torch.cuda.device(device):
+        pool = torch.cuda.graph_pool_handle() if pool is None else pool
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step(), step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = step()
+    return out, graph.replay, pool

@@ -297,9 +297,9 @@ def main():
         with stage("Stage A", models["vqgan"], low_vram, stats) as vq:
             return wp.decode_stage_a(vq, b)
 
+    combos = [(base, b) for b in (1, 2, 4, 8)] + [(s, 1) for s in sizes[1:]]  # (size, batch) of the sweeps
     if section("step_sweep", 30 if not tiny else 5):
         rows = []
-        combos = [(base, b) for b in (1, 2, 4, 8)] + [(s, 1) for s in sizes[1:]]
         with torch.no_grad():
             for size, batch in combos:
                 fc, fb = step_fns(m["prior"], m["decoder"], size, batch)
@@ -490,21 +490,29 @@ def main():
 
     # ---- where a batch-8 step's device time goes, by operator (the batch-8 fast target is compute- and
     # memory-bound, so the question is which kernels, not how many)
-    if section("profile", 15 if not tiny else 10):
-        results["sections"]["profile"] = {name: op_breakdown(fn, device) for name, fn in
-                                          zip(("Stage C", "Stage B"), step_fns(m["prior"], m["decoder"], base, 8))}
-        for name, rows in results["sections"]["profile"].items():
-            log(name, "batch 8, top operators by self device time:", rows[:8])
+    if section("profile", 20 if not tiny else 10):
+        # Stage A too: at batch 8 it is 0.018 s of the 0.277 s per image, at about 120 TFLOP/s
+        latent_b = torch.randn(8, dc.c_in, *wp.stage_b_grid(*wp.stage_c_grid(base, base)), device=device, dtype=dtype)
+        steps = dict(zip(("Stage C", "Stage B"), step_fns(m["prior"], m["decoder"], base, 8)),
+                     **{"Stage A": lambda: wp.decode_stage_a(m["vqgan"], latent_b)})
+        try:
+            results["sections"]["profile"] = {name: op_breakdown(fn, device) for name, fn in steps.items()}
+            for name, rows in results["sections"]["profile"].items():
+                log(name, "batch 8, top operators by self device time:", rows[:8])
+        except Exception as e:  # a profiler failure must not cost the sections after it
+            results["sections"]["profile"] = f"failed: {type(e).__name__}: {e}"
+            log(results["sections"]["profile"])
+        latent_b = steps = None
         save()
 
     # ---- the eager kernels replayed from a captured CUDA graph, no compile: how much of an eager step is
     # launch overhead, i.e. what a CUDA-graph mode without torch.compile's minute-long compile could give.
     # Last but the optional sweep: a failed capture can leave the CUDA context unusable for later sections.
-    if section("graphed_eager", 15) and device.type == "cuda":
+    if section("graphed_eager", 25) and device.type == "cuda":
         rows = []
-        for batch in (1, 8):
-            row = dict(size=base, batch=batch)
-            for name, fn in zip("cb", step_fns(m["prior"], m["decoder"], base, batch)):
+        for size, batch in combos:
+            row = dict(size=size, batch=batch)
+            for name, fn in zip("cb", step_fns(m["prior"], m["decoder"], size, batch)):
                 replay = None
                 try:
                     with torch.no_grad():
@@ -571,22 +579,23 @@ def main():
 
 
 def op_breakdown(fn, device, top=20, reps=3):
-    """`fn`'s operators ranked by their own time on `device` over `reps` calls (torch.profiler): name,
-    ms per call, share of the total, calls per step."""
+    """`fn`'s operators ranked by their own time on `device` over `reps` calls (torch.profiler; on
+    CUDA the kernel time of each aten operator that launched them): name, ms per call, share of the
+    total, calls per call of `fn`."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     with torch.no_grad():
         fn()
         sync(device)
-        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             for _ in range(reps):
                 fn()
             sync(device)
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    if cuda and not hasattr(torch.autograd.profiler_util.FunctionEventAvg, attr):
-        attr = "self_cuda_time_total"  # older torch
-    ops = [(e.key, getattr(e, attr), e.count) for e in prof.key_averages()]
+    # operators only (kernels are counted under the operator that launched them)
+    ops = [(e.key, getattr(e, attr), e.count) for e in prof.key_averages() if e.device_type == DeviceType.CPU]
     total = sum(t for _, t, _ in ops) or 1
     ops.sort(key=lambda o: -o[1])
     return [dict(op=k[:120], ms=t / reps / 1e3, share=t / total, calls=c // reps) for k, t, c in ops[:top] if t > 0]

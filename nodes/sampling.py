@@ -43,9 +43,10 @@ def _common_inputs(steps_default, steps_tooltip, cfg_default, cfg_tooltip):
               default="ddpm", options=SAMPLERS),
         Input("denoise", "FLOAT", "1.0 samples from pure noise; below 1 starts from the input latent (img2img).",
               default=1.0, min=0.0, max=1.0, step=0.01),
-        Input("fast_mode", "BOOLEAN", "Compile the network with torch.compile (CUDA graphs on a GPU) for about 3× "
-              "faster steps. The first run compiles for about a minute on a GPU, and each new image size or batch "
-              "compiles again; needs Triton on a GPU, a C++ compiler on the CPU.", default=False, optional=True),
+        Input("fast_mode", "BOOLEAN", "Compile the network with torch.compile (CUDA graphs on a GPU) for about "
+              "2× faster steps at batch 1 (on an H200: Stage C 12.3 → 7.0 ms, Stage B 24.4 → 10.5 ms). The first "
+              "run compiles for about 90 s on an H200, and each new image size or batch compiles again; needs "
+              "Triton on a GPU, a C++ compiler on the CPU.", default=False, optional=True),
     )
 
 

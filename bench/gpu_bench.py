@@ -10,7 +10,7 @@ Prints a table per section and writes DIR/gpu_bench.json. Sections that would ov
 are skipped and say so; all of them took 5.5 minutes on an H200 (2026-11-26, run 6; two sections
 added since, ≈ 0.5 min), most of it the two compiles of fast mode (batch 1 and batch 8, 87 s each). The
 last section, fast-mode steps at batch 2/4 and 1536²/2048² (a compile per shape, 90–100 s each), does
-not fit after them: `--only fast_sweep --budget-s 420` runs it alone (≈ 7 min).
+not fit after them: `--only fast_sweep --budget-s 480` runs it alone (≈ 7.5 min).
 diffusers is needed only for the "diffusers" rows (test-only reference).
 """
 
@@ -553,13 +553,14 @@ def main():
 
     # ---- fast-mode steps at the other shapes of the eager sweep: one compile each (90–100 s on the H200),
     # so it does not fit the default budget after the rest; run it alone with --only fast_sweep
-    if section("fast_sweep", 240 if not tiny else 60):
+    per_shape_s = 110 if not tiny else 15  # a compile and the timings, on the H200 (run 7)
+    if section("fast_sweep", 4 * per_shape_s):
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, limit, 64)  # every shape is a recompile; past the limit torch runs eager
         net_c, net_b = (compile_model(m[k], device.type == "cuda") for k in ("prior", "decoder"))
         rows = []
         for size, batch in [(base, 2), (base, 4), (sizes[1], 1), (sizes[2], 1)]:
-            if time.perf_counter() - t_start + 60 > args.budget_s:
+            if time.perf_counter() - t_start + per_shape_s > args.budget_s:
                 log(f"fast_sweep: {size}² batch {batch} would overrun the budget; stopped")
                 break
             fc, fb = step_fns(net_c, net_b, size, batch)

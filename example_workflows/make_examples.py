@@ -59,13 +59,13 @@ def _prompts(g, m, prompt=PROMPT, negative=""):
 def _stage_c(g, m, p, latent, seed=42, denoise=1.0, **extra):
     return g.add("WuerstchenStageCSampler", prior=m["prior"](), positive=p["pos_c"](), negative=p["neg_c"](),
                  latent=latent, seed=seed, steps=0, cfg=4.0, sampler="ddpm", denoise=denoise, fast_mode=False,
-                 **extra)
+                 cuda_graphs=False, **extra)
 
 
 def _stage_b_and_save(g, m, p, stage_c, prefix, seed=42, **extra):
     b = g.add("WuerstchenStageBSampler", decoder=m["decoder"](), positive=p["pos_b"](), negative=p["neg_b"](),
               stage_c=stage_c, seed=seed, steps=12, cfg=0.0, sampler="ddpm", denoise=1.0, fast_mode=False,
-              vqgan_for_preview=m["vqgan"](), **extra)
+              cuda_graphs=False, vqgan_for_preview=m["vqgan"](), **extra)
     image = g.add("WuerstchenStageADecode", vqgan=m["vqgan"](), samples=b(), tile_size=1024)
     g.add("SaveImage", images=image(), filename_prefix=prefix)
 

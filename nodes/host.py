@@ -40,6 +40,7 @@ class LoadedModel:
     tower: str | None = None  # text encoders: "bigG" (Stage C) or "H" (Stage B)
     patcher: Any = None  # ComfyUI's ModelPatcher, when hosted by ComfyUI
     compiled: Any = None  # the fast-mode (torch.compile) forward, made on first use
+    graphed: Any = None  # the cuda_graphs option's performance.GraphedNetwork, made on first use
 
     @property
     def dtype(self) -> torch.dtype:
@@ -114,6 +115,13 @@ class Host:
         if loaded.compiled is None:
             loaded.compiled = performance.compile_model(loaded.model, cuda_graphs=device.type == "cuda")
         return loaded.compiled
+
+    def graphed_model(self, loaded: LoadedModel) -> torch.nn.Module:
+        """The sampler nodes' cuda_graphs option: `loaded`'s network with its steps replayed from CUDA
+        graphs, kept with it so later runs of the same size and batch replay the captured graphs."""
+        if loaded.graphed is None:
+            loaded.graphed = performance.GraphedNetwork(loaded.model)
+        return loaded.graphed
 
     def load(self, *models: LoadedModel, activations: int = 0) -> torch.device:
         """Put `models` (None entries skipped) on the compute device, with room for `activations` more

@@ -444,6 +444,31 @@ def test_fast_mode_compiles_inside_comfyui(server, t2i):
     assert diff.mean() < 2 and (diff > 8).mean() < 0.01, (diff.mean(), (diff > 8).mean())  # saturated pixels may flip
 
 
+def test_cuda_graphs_option_inside_comfyui(server, t2i):
+    """The samplers' cuda_graphs option through ComfyUI's executor. On this CPU the wrapped network runs
+    its plain steps (CUDA graphs need CUDA), so the image is exactly the eager one; both options on is
+    one clear node error."""
+    prompt, eager_entry = t2i
+    graphed = _fresh_samplers(prompt, 0)
+    samplers = (_one(graphed, "WuerstchenStageCSampler"), _one(graphed, "WuerstchenStageBSampler"))
+    for nid in samplers:
+        graphed[nid]["inputs"]["cuda_graphs"] = True
+    graphed[_one(graphed, "SaveImage")]["inputs"]["filename_prefix"] = "cuda_graphs"
+    entry = server.run(graphed)
+    assert entry["status"]["status_str"] == "success", \
+        f"{json.dumps(messages(entry).get('execution_error'), indent=1)[:4000]}\n{server.tail()}"
+    import numpy as np
+    from PIL import Image
+    (eager_file,), (graphed_file,) = _saved_images(server, eager_entry), _saved_images(server, entry)
+    with Image.open(eager_file) as a, Image.open(graphed_file) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    both = _fresh_samplers(prompt, 1)
+    both[_one(both, "WuerstchenStageCSampler")]["inputs"].update(cuda_graphs=True, fast_mode=True)
+    entry = server.run(both)
+    error = messages(entry).get("execution_error") or {}
+    assert "fast_mode and cuda_graphs are both on" in error.get("exception_message", ""), error
+
+
 @pytest.mark.parametrize("name", [n for n in _example_names() if n != T2I_EXAMPLE])
 def test_example_workflow_runs(server, object_info, name):
     prompt = _tiny(to_api(_example(name), object_info))

@@ -306,6 +306,36 @@ def test_graphed_sampling_equals_eager_with_guidance_and_masks(fake_cuda_graphs,
     assert len(fake_cuda_graphs) == 2
 
 
+def test_sampler_nodes_cuda_graphs_option(models_dir, fake_cuda_graphs):
+    """Both sampler nodes: the same latents as the plain steps, one wrapper kept with the loaded model (a
+    second run replays the graph captured by the first), and a clear error with fast_mode also on."""
+    host = StandaloneHost(str(models_dir), on_progress=lambda *a: None)
+    prior = loaders.LOAD_PRIOR.execute(host, FILES["prior"], "auto")[0]
+    decoder = loaders.LOAD_DECODER.execute(host, FILES["decoder"], "auto")[0]
+    text_c = loaders.LOAD_TEXT_ENCODER.execute(host, FILES["bigG"], "bigG (Stage C)", "auto")[0]
+    text_b = loaders.LOAD_TEXT_ENCODER.execute(host, FILES["H"], "H (Stage B)", "auto")[0]
+    pos_c, neg_c = (conditioning.TEXT_ENCODE.execute(host, text_c, t)[0] for t in ("a red cube", ""))
+    pos_b = conditioning.TEXT_ENCODE.execute(host, text_b, "a red cube")[0]
+    latent = latents.EMPTY_LATENT.execute(host, 256, 256, 1).outputs[0]
+
+    def run(**speed):
+        c = sampling.STAGE_C_SAMPLER.execute(host, prior, pos_c, neg_c, latent, seed=3, steps=2, cfg=4.0,
+                                             sampler="ddpm", denoise=1.0, **speed)[0]
+        b = sampling.STAGE_B_SAMPLER.execute(host, decoder, pos_b, pos_b, c, seed=3, steps=2, cfg=0.0,
+                                             sampler="ddpm", denoise=1.0, **speed)[0]
+        return c["samples"], b["samples"]
+
+    eager = run()
+    assert fake_cuda_graphs == [] and prior.graphed is None
+    for _ in range(2):
+        for want, got in zip(eager, run(cuda_graphs=True)):
+            assert torch.equal(got, want)
+    assert len(fake_cuda_graphs) == 2 and prior.graphed is not None and decoder.graphed is not None
+    with pytest.raises(WuerstchenError, match=r"^Würstchen Stage C Sampler: fast_mode and cuda_graphs are both on; "
+                                              r"expected at most one"):
+        run(fast_mode=True, cuda_graphs=True)
+
+
 def test_graphs_are_dropped_when_the_weights_move_or_change():
     """A graph reads the weights at their captured addresses: after a cast (the fp16 fallback) or an
     offload round trip they live elsewhere, and replaying would read freed memory."""

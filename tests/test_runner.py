@@ -115,11 +115,11 @@ def test_ui_format_round_trip_and_file_runner(host, tmp_path, models_dir):
     api = small_workflow()
     ui = api_to_ui(api, SPECS, "small")
     back = ui_to_api(ui, SPECS)
-    defaults = {"fast_mode": False}  # optional widgets absent from the API workflow get their default in the UI
+    defaults = {"fast_mode": False, "cuda_graphs": False}  # optional widgets absent from the API workflow: defaults
     assert {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in back.items()} == \
         {k: {**v, "inputs": v["inputs"] | (defaults if "Sampler" in v["class_type"] else {})} for k, v in api.items()}
     sampler = next(n for n in ui["nodes"] if n["type"] == "WuerstchenStageCSampler")
-    assert sampler["widgets_values"] == [3, "fixed", 1, 4.0, "ddim", 1.0, False]  # control_after_generate after seed
+    assert sampler["widgets_values"] == [3, "fixed", 1, 4.0, "ddim", 1.0, False, False]  # control_after_generate after seed
     path = tmp_path / "wf.json"
     path.write_text(json.dumps(ui))
     assert load_workflow(path) == back
@@ -131,11 +131,11 @@ def test_ui_format_errors_name_the_node():
     ui = api_to_ui(small_workflow(), SPECS, "small")
     short = copy.deepcopy(ui)
     values = next(n for n in short["nodes"] if n["id"] == 9)["widgets_values"]
-    del values[-1]  # fast_mode, added after the first release: a workflow without it loads with the default
-    assert "fast_mode" not in ui_to_api(short, SPECS)["9"]["inputs"]
+    del values[-2:]  # fast_mode and cuda_graphs, added after the first release: without them the defaults apply
+    assert not {"fast_mode", "cuda_graphs"} & set(ui_to_api(short, SPECS)["9"]["inputs"])
     del values[-1]
     with pytest.raises(WorkflowError, match=r"Node 9 \(WuerstchenStageCSampler\): widgets_values has 5 entries, "
-                                            r"expected 7 \(no value for 'denoise'\)"):
+                                            r"expected 8 \(no value for 'denoise'\)"):
         ui_to_api(short, SPECS)
     unknown = copy.deepcopy(ui)
     unknown["nodes"][0]["type"] = "Reroute"

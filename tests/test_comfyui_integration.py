@@ -425,22 +425,29 @@ def test_text_to_image_example_runs_and_saves_an_image(server, t2i):
             assert im.size == (SIZE, SIZE), im.size
 
 
+def _pixels_with_sampler_option(server, t2i, option):
+    """The text-to-image workflow run again with `option` on in both samplers: (eager pixels, its pixels)."""
+    import numpy as np
+    from PIL import Image
+
+    prompt, eager_entry = t2i
+    changed = _fresh_samplers(prompt, 0)
+    for nid in (_one(changed, "WuerstchenStageCSampler"), _one(changed, "WuerstchenStageBSampler")):
+        changed[nid]["inputs"][option] = True
+    changed[_one(changed, "SaveImage")]["inputs"]["filename_prefix"] = option
+    entry = server.run(changed)
+    assert entry["status"]["status_str"] == "success", \
+        f"{json.dumps(messages(entry).get('execution_error'), indent=1)[:4000]}\n{server.tail()}"
+    (eager_file,), (file,) = _saved_images(server, eager_entry), _saved_images(server, entry)
+    with Image.open(eager_file) as a, Image.open(file) as b:
+        return np.asarray(a, dtype=np.int16), np.asarray(b, dtype=np.int16)
+
+
 def test_fast_mode_compiles_inside_comfyui(server, t2i):
     """The samplers' fast_mode option: torch.compile (inductor, on this CPU) inside ComfyUI's executor,
     which runs nodes under inference_mode. The image is the eager one up to inductor's float reordering."""
-    prompt, eager_entry = t2i
-    fast = _fresh_samplers(prompt, 0)
-    for nid in (_one(fast, "WuerstchenStageCSampler"), _one(fast, "WuerstchenStageBSampler")):
-        fast[nid]["inputs"]["fast_mode"] = True
-    fast[_one(fast, "SaveImage")]["inputs"]["filename_prefix"] = "fast_mode"
-    entry = server.run(fast)
-    assert entry["status"]["status_str"] == "success", \
-        f"{json.dumps(messages(entry).get('execution_error'), indent=1)[:4000]}\n{server.tail()}"
-    import numpy as np
-    from PIL import Image
-    (eager_file,), (fast_file,) = _saved_images(server, eager_entry), _saved_images(server, entry)
-    with Image.open(eager_file) as a, Image.open(fast_file) as b:
-        diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+    eager, fast = _pixels_with_sampler_option(server, t2i, "fast_mode")
+    diff = abs(eager - fast)
     assert diff.mean() < 2 and (diff > 8).mean() < 0.01, (diff.mean(), (diff > 8).mean())  # saturated pixels may flip
 
 
@@ -448,21 +455,9 @@ def test_cuda_graphs_option_inside_comfyui(server, t2i):
     """The samplers' cuda_graphs option through ComfyUI's executor. On this CPU the wrapped network runs
     its plain steps (CUDA graphs need CUDA), so the image is exactly the eager one; both options on is
     one clear node error."""
-    prompt, eager_entry = t2i
-    graphed = _fresh_samplers(prompt, 0)
-    samplers = (_one(graphed, "WuerstchenStageCSampler"), _one(graphed, "WuerstchenStageBSampler"))
-    for nid in samplers:
-        graphed[nid]["inputs"]["cuda_graphs"] = True
-    graphed[_one(graphed, "SaveImage")]["inputs"]["filename_prefix"] = "cuda_graphs"
-    entry = server.run(graphed)
-    assert entry["status"]["status_str"] == "success", \
-        f"{json.dumps(messages(entry).get('execution_error'), indent=1)[:4000]}\n{server.tail()}"
-    import numpy as np
-    from PIL import Image
-    (eager_file,), (graphed_file,) = _saved_images(server, eager_entry), _saved_images(server, entry)
-    with Image.open(eager_file) as a, Image.open(graphed_file) as b:
-        assert np.array_equal(np.asarray(a), np.asarray(b))
-    both = _fresh_samplers(prompt, 1)
+    eager, graphed = _pixels_with_sampler_option(server, t2i, "cuda_graphs")
+    assert (eager == graphed).all()
+    both = _fresh_samplers(t2i[0], 1)
     both[_one(both, "WuerstchenStageCSampler")]["inputs"].update(cuda_graphs=True, fast_mode=True)
     entry = server.run(both)
     error = messages(entry).get("execution_error") or {}

@@ -225,7 +225,8 @@ class GraphedNetwork(nn.Module):
             def step():
                 return self.model(static_x, static_r, cond=cond)
 
-            # one memory pool for all of this network's graphs: they never replay at the same time
+            # one memory pool for all of this network's graphs: safe for graphs that never replay at the
+            # same time and do not read each other's outputs, in any order (pytorch/pytorch#166975)
             out, replay, self._pool = capture_cuda_graph(step, x.device, self._pool)
         return _Captured(static_x, static_r, leaves, out, replay)
 

@@ -499,6 +499,11 @@ def main():
             results["sections"]["profile"] = {name: op_breakdown(fn, device) for name, fn in steps.items()}
             for name, rows in results["sections"]["profile"].items():
                 log(name, "batch 8, top operators by self device time:", rows[:8])
+            with torch.no_grad():  # what decode_stage_a's deterministic cuDNN flag costs (ConvTranspose2d)
+                bare = timed(lambda: m["vqgan"].decode(latent_b), device, 3, 1)
+            results["sections"]["profile"]["Stage A ms, batch 8"] = dict(
+                decode_stage_a=timed(steps["Stage A"], device, 3, 1) * 1e3, bare_decode_default_cudnn=bare * 1e3)
+            log(results["sections"]["profile"]["Stage A ms, batch 8"])
         except Exception as e:  # a profiler failure must not cost the sections after it
             results["sections"]["profile"] = f"failed: {type(e).__name__}: {e}"
             log(results["sections"]["profile"])

@@ -336,6 +336,18 @@ def test_sampler_nodes_cuda_graphs_option(models_dir, fake_cuda_graphs):
         run(fast_mode=True, cuda_graphs=True)
 
 
+def test_graphed_network_over_fp8_stored_weights(fake_cuda_graphs):
+    """--fp8 with --cuda-graphs: the per-call weight casts are part of the captured step."""
+    prior = store_linear_weights_in_fp8(tiny_prior())
+    x, r, clip = prior_inputs(prior)
+    with torch.no_grad():
+        cond = prior.condition(clip)
+        graphed = performance.GraphedNetwork(prior)
+        for _ in range(2):
+            assert torch.equal(graphed(x, r, cond=cond), prior(x, r, cond=cond))
+    assert len(fake_cuda_graphs) == 1
+
+
 def test_graphs_are_dropped_when_the_weights_move_or_change():
     """A graph reads the weights at their captured addresses: after a cast (the fp16 fallback) or an
     offload round trip they live elsewhere, and replaying would read freed memory."""

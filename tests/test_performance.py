@@ -348,6 +348,22 @@ def test_graphed_network_over_fp8_stored_weights(fake_cuda_graphs):
     assert len(fake_cuda_graphs) == 1
 
 
+def test_a_failing_capture_is_one_clear_error(monkeypatch, fake_cuda_graphs):
+    def refuse(step, device, pool=None):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(performance, "capture_cuda_graph", refuse)
+    prior = tiny_prior()
+    x, r, clip = prior_inputs(prior)
+    graphed = performance.GraphedNetwork(prior)
+    with torch.no_grad(), pytest.raises(WuerstchenError) as e:
+        graphed(x, r, cond=prior.condition(clip))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("CUDA graphs: capturing a WuerstchenPrior step of shape (2, 4, 6, 6) "
+                                              "failed (RuntimeError: CUDA error: operation not permitted")
+    assert msg.endswith("or turn cuda_graphs / --cuda-graphs off.") and not graphed._graphs
+
+
 def test_graphs_are_dropped_when_the_weights_move_or_change():
     """A graph reads the weights at their captured addresses: after a cast (the fp16 fallback) or an
     offload round trip they live elsewhere, and replaying would read freed memory."""

@@ -227,7 +227,14 @@ class GraphedNetwork(nn.Module):
 
             # one memory pool for all of this network's graphs: safe for graphs that never replay at the
             # same time and do not read each other's outputs, in any order (pytorch/pytorch#166975)
-            out, replay, self._pool = capture_cuda_graph(step, x.device, self._pool)
+            try:
+                out, replay, self._pool = capture_cuda_graph(step, x.device, self._pool)
+            except RuntimeError as e:
+                found = (str(e).strip().splitlines() or ["no message"])[0]
+                raise WuerstchenError(f"CUDA graphs: capturing a {type(self.model).__name__} step of shape "
+                                      f"{tuple(x.shape)} failed ({type(e).__name__}: {found}); expected a CUDA "
+                                      "device and driver that capture graphs, or turn cuda_graphs / "
+                                      "--cuda-graphs off.") from None
         return _Captured(static_x, static_r, leaves, out, replay)
 
 

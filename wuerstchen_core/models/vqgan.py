@@ -73,9 +73,9 @@ class MixingResidualBlock(nn.Module):
         c = x.shape[-1:]
         return F.layer_norm(x, c, (1 + scale).expand(c), shift.expand(c), eps=LN_EPS)
 
-    def _mix_channels(self, x):  # x [..., C] NHWC -> x + MLP(norm(x)) * gamma
+    def _mix_channels(self, x, out=None):  # x [..., C] NHWC -> x + MLP(norm(x)) * gamma (into `out` if given)
         g = self.gammas
-        return torch.addcmul(x, self.channelwise(self._norm(x, g[3], g[4])), g[5])
+        return torch.addcmul(x, self.channelwise(self._norm(x, g[3], g[4])), g[5], out=out)
 
     def forward(self, x):  # x [B,C,H,W], copy-free in channels_last memory
         g = self.gammas
@@ -87,7 +87,7 @@ class MixingResidualBlock(nn.Module):
         out = torch.empty_like(nhwc)
         for b in range(x.shape[0]):
             for top in range(0, x.shape[-2], rows):
-                out[b, top:top + rows] = self._mix_channels(nhwc[b, top:top + rows])
+                self._mix_channels(nhwc[b, top:top + rows], out=out[b, top:top + rows])  # no copy
         return out.permute(0, 3, 1, 2)
 
 

@@ -404,7 +404,7 @@ def main():
                                              resident_before_gib=resident, stages=stages,
                                              fp16_fallbacks_so_far=len(fallbacks))
         except Exception as e:  # a failure here is a finding; the later sections still run
-            results["sections"][name] = f"failed: {type(e).__name__}: {e}"
+            results["sections"][name] = failed(e)
         log(results["sections"][name])
         for mod in modules(m):
             mod.to(device)
@@ -505,7 +505,7 @@ def main():
                 decode_stage_a=timed(steps["Stage A"], device, 3, 1) * 1e3, bare_decode_default_cudnn=bare * 1e3)
             log(results["sections"]["profile"]["Stage A ms, batch 8"])
         except Exception as e:  # a profiler failure must not cost the sections after it
-            results["sections"]["profile"] = f"failed: {type(e).__name__}: {e}"
+            results["sections"]["profile"] = failed(e)
             log(results["sections"]["profile"])
         latent_b = steps = None
         save()
@@ -524,7 +524,7 @@ def main():
                         _, replay, _ = capture_cuda_graph(fn, device)
                     row[f"{name}_ms"] = timed(replay, device, 10, 2) * 1e3
                 except Exception as e:  # a capture failure is a finding, not the end of the run
-                    row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+                    row[f"{name}_error"] = failed(e)
                 replay = None
                 free(device)
             rows.append(row)
@@ -548,7 +548,7 @@ def main():
                 row["peak_gib"] = box.get("peak_gib")
                 staged_generate(graphed, base, low_vram=False, stats=row["stages"], batch=batch)
             except Exception as e:
-                row = dict(size=base, batch=batch, error=f"{type(e).__name__}: {e}"[:300])
+                row = dict(size=base, batch=batch, error=failed(e))
             graphed = None
             free(device)
             rows.append(row)
@@ -582,6 +582,11 @@ def main():
             results["sections"]["fast_sweep"] = rows
             save()
     return finish(results, args, log)
+
+
+def failed(e: Exception) -> str:
+    """A section's (or a row's) failure as recorded in the results: a finding, not the end of the run."""
+    return f"failed: {type(e).__name__}: {e}"[:300]
 
 
 def op_breakdown(fn, device, top=20, reps=3):

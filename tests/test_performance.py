@@ -14,6 +14,7 @@ from tests.helpers.tiny_models import tiny_decoder, tiny_prior
 from tests.helpers.tiny_pack import FILES, write_tiny_models
 from wuerstchen_core import memory, performance, pipeline
 from wuerstchen_core.errors import WuerstchenError
+from wuerstchen_core.models.common import Attention
 from wuerstchen_core.performance import Fp8Linear, on_device, store_linear_weights_in_fp8
 
 
@@ -100,6 +101,27 @@ def test_conditioning_layers_run_once_per_run_and_never_in_a_step(kind):
     assert calls == []
     streamed = {id(t) for layer in model.conditioning_layers for t in layer.parameters()}
     assert sum(t.numel() for t in model.parameters() if id(t) in streamed) > 0
+
+
+@pytest.mark.parametrize("kind", ["prior", "decoder"])
+def test_a_step_projects_only_the_image_tokens(kind):
+    """The text tokens' keys and values are projected once per run (condition()); a step's to_k/to_v see
+    exactly the rows its to_q sees, the image tokens."""
+    model = tiny_prior() if kind == "prior" else tiny_decoder().fold_effnet()
+    if kind == "prior":
+        x, r, clip = prior_inputs(model)
+        cond = model.condition(clip)
+    else:
+        x, r, effnet, clip = decoder_inputs(model)
+        cond = model.condition(effnet, clip, x.shape[-2:])
+    rows = []
+    for m in model.modules():
+        if isinstance(m, Attention):
+            for name in ("to_q", "to_k", "to_v"):
+                getattr(m, name).register_forward_hook(lambda _, args, __, name=name: rows.append((name, args[0].shape)))
+    model(x, r, cond=cond)
+    q, k, v = ([shape for n, shape in rows if n == name] for name in ("to_q", "to_k", "to_v"))
+    assert q and k == q and v == q
 
 
 def test_text_encoder_streams_everything_but_its_final_norm():
@@ -276,8 +298,8 @@ def test_graphed_runs_equal_eager_runs_and_capture_once_per_shape(fake_cuda_grap
         graphed_prior = performance.GraphedNetwork(prior)
         cond = prior.condition(clip)
         for batch in (2, 1, 2):
-            assert torch.equal(graphed_prior(x[:batch], r[:batch], cond=[t[:batch] for t in cond]),
-                               prior(x[:batch], r[:batch], cond=[t[:batch] for t in cond]))
+            part = [(k[:batch], v[:batch]) for k, v in cond]
+            assert torch.equal(graphed_prior(x[:batch], r[:batch], cond=part), prior(x[:batch], r[:batch], cond=part))
     assert fake_cuda_graphs[1:] == [tuple(x.shape), (1, *x.shape[1:])]  # batch 2 captured once, kept
 
 

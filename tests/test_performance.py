@@ -119,7 +119,8 @@ def test_a_step_projects_only_the_image_tokens(kind):
         if isinstance(m, Attention):
             for name in ("to_q", "to_k", "to_v"):
                 getattr(m, name).register_forward_hook(lambda _, args, __, name=name: rows.append((name, args[0].shape)))
-    model(x, r, cond=cond)
+    with torch.no_grad():
+        model(x, r, cond=cond)
     q, k, v = ([shape for n, shape in rows if n == name] for name in ("to_q", "to_k", "to_v"))
     assert q and k == q and v == q
 

@@ -115,13 +115,14 @@ def timestep_modulations(blocks: list[TimestepBlock], r_embed: torch.Tensor) -> 
             runs[-1][1] += 1
         else:
             runs.append([b.mapper.out_features, 1])
-    modulations, start = [], 0
+    per_run, start = [], 0
     for width, n in runs:
         ab = out[:, start:start + n * width].unflatten(1, (n, 2, width // 2))[..., None, None]  # [B,n,(a|b),c,1,1]
         ab[:, :, 0].add_(1)  # 1 + a, in place: one op per run of equally wide blocks
-        modulations += list(zip(ab[:, :, 0].unbind(1), ab[:, :, 1].unbind(1)))
+        per_run.append(ab)
         start += n * width
-    return modulations
+    # unbound only after every in-place add: autograd forbids modifying a base whose views unbind made
+    return [m for ab in per_run for m in zip(ab[:, :, 0].unbind(1), ab[:, :, 1].unbind(1))]
 
 
 class ResBlock(nn.Module):

@@ -33,6 +33,7 @@ from wuerstchen_core import memory  # noqa: E402
 from wuerstchen_core import pipeline as wp  # noqa: E402
 from wuerstchen_core.models import (  # noqa: E402
     DecoderConfig, PaellaVQGAN, PriorConfig, VQGANConfig, WuerstchenDecoder, WuerstchenPrior)
+from wuerstchen_core.models.vqgan import MixingResidualBlock, ReplicationPad  # noqa: E402
 from wuerstchen_core.performance import (  # noqa: E402
     GraphedNetwork, capture_cuda_graph, compile_model, on_device, store_linear_weights_in_fp8)
 from wuerstchen_core.schedule import stage_c_preset  # noqa: E402
@@ -490,7 +491,7 @@ def main():
 
     # ---- where a batch-8 step's device time goes, by operator (the batch-8 fast target is compute- and
     # memory-bound, so the question is which kernels, not how many)
-    if section("profile", 20 if not tiny else 10):
+    if section("profile", 30 if not tiny else 10):
         # Stage A too: at batch 8 it is 0.018 s of the 0.277 s per image, at about 120 TFLOP/s
         latent_b = torch.randn(8, dc.c_in, *wp.stage_b_grid(*wp.stage_c_grid(base, base)), device=device, dtype=dtype)
         steps = dict(zip(("Stage C", "Stage B"), step_fns(m["prior"], m["decoder"], base, 8)),
@@ -501,9 +502,20 @@ def main():
                 log(name, "batch 8, top operators by self device time:", rows[:8])
             with torch.no_grad():  # what decode_stage_a's deterministic cuDNN flag costs (ConvTranspose2d)
                 bare = timed(lambda: m["vqgan"].decode(latent_b), device, 3, 1)
+                with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False):
+                    tuned = timed(lambda: m["vqgan"].decode(latent_b), device, 3, 2)  # the first call autotunes
+                pads = [blk.depthwise for blk in m["vqgan"].modules() if isinstance(blk, MixingResidualBlock)]
+                for seq in pads:  # torch's own replication pad, as the reference runs it
+                    seq[0] = torch.nn.ReplicationPad2d(1)
+                torch_pad = timed(lambda: m["vqgan"].decode(latent_b), device, 3, 1)
+                for seq in pads:
+                    seq[0] = ReplicationPad(1)
             results["sections"]["profile"]["Stage A ms, batch 8"] = dict(
-                decode_stage_a=timed(steps["Stage A"], device, 3, 1) * 1e3, bare_decode_default_cudnn=bare * 1e3)
+                decode_stage_a=timed(steps["Stage A"], device, 3, 1) * 1e3, bare_decode_default_cudnn=bare * 1e3,
+                bare_decode_cudnn_benchmark=tuned * 1e3, bare_decode_torch_replication_pad=torch_pad * 1e3)
             log(results["sections"]["profile"]["Stage A ms, batch 8"])
+            results["sections"]["profile"]["attention backends"] = attention_backends(
+                m["prior"], m["decoder"], step_fns, base, device, log)
         except Exception as e:  # a profiler failure must not cost the sections after it
             results["sections"]["profile"] = failed(e)
             log(results["sections"]["profile"])
@@ -556,6 +568,17 @@ def main():
         results["sections"]["cuda_graphs"] = rows
         save()
 
+    # ---- fast mode with each block type compiled once and reused: compile time and step times against
+    # fast_mode's (batch 1), outputs against eager. Not in the default budget; run it with --only.
+    if section("regional_compile", 150 if not tiny else 40):
+        try:
+            results["sections"]["regional_compile"] = regional_compile(m, step_fns, base, device, log)
+        except Exception as e:
+            results["sections"]["regional_compile"] = failed(e)
+        log(results["sections"]["regional_compile"])
+        free(device)
+        save()
+
     # ---- fast-mode steps at the other shapes of the eager sweep: one compile each (90–100 s on the H200),
     # so it does not fit the default budget after the rest; run it alone with --only fast_sweep
     per_shape_s = 110 if not tiny else 15  # a compile and the timings, on the H200 (run 7)
@@ -582,6 +605,72 @@ def main():
             results["sections"]["fast_sweep"] = rows
             save()
     return finish(results, args, log)
+
+
+def regional_compile(m, step_fns, size, device, log):
+    """Fast mode with every ResBlock/AttnBlock forward marked torch.compiler.nested_compile_region: each
+    block type is traced and compiled once and its code reused for all its instances, where fast mode
+    compiles each of Stage C's 64 and Stage B's 96 such blocks on its own. Batch 1 steps: first-call
+    (compile) seconds and ms per step. (No output comparison: the bench's zeroed output heads make every
+    network's eps equal x; the tests compare compiled and eager outputs.)"""
+    from wuerstchen_core.models.common import AttnBlock, ResBlock, ResBlockStageB
+
+    region = getattr(torch.compiler, "nested_compile_region", None)
+    if region is None:
+        return f"unavailable: torch {torch.__version__} has no torch.compiler.nested_compile_region"
+    originals = {cls: cls.forward for cls in (ResBlock, ResBlockStageB, AttnBlock)}
+    try:
+        for cls, forward in originals.items():
+            cls.forward = region(forward)
+        nets = [compile_model(m[k], device.type == "cuda") for k in ("prior", "decoder")]
+        row = dict(size=size, batch=1)
+        with torch.no_grad():
+            for name, fn in zip("cb", step_fns(*nets, size, 1)):
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                row[f"{name}_compile_s"] = time.perf_counter() - t0
+                row[f"{name}_ms"] = timed(fn, device, 10, 2) * 1e3
+        return row
+    finally:
+        for cls, forward in originals.items():
+            cls.forward = forward
+
+
+def attention_backends(prior, decoder, step_fns, size, device, log):
+    """Stage B/C steps at batch 1 and 8 with each fused SDPA kernel forced (PyTorch picks flash first; cuDNN's
+    is last in its default order): ms per step, and the largest difference of the last hidden map (the
+    output head's input) from the default kernel's.
+    A backend that cannot run a shape is recorded as an error, not a fallback."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = dict(flash=SDPBackend.FLASH_ATTENTION, cudnn=SDPBackend.CUDNN_ATTENTION,
+                    efficient=SDPBackend.EFFICIENT_ATTENTION)
+    rows, seen = [], {}
+    # the output heads' input: the bench's zeroed heads make the networks' outputs independent of attention
+    hooks = [head.register_forward_pre_hook(lambda _, args: seen.update(h=args[0].float()))
+             for head in (prior.out, decoder.clf)]
+    try:
+        for batch in (1, 8):
+            for name, fn in zip(("Stage C", "Stage B"), step_fns(prior, decoder, size, batch)):
+                with torch.no_grad():
+                    row = dict(stage=name, batch=batch, default_ms=timed(fn, device, 5, 1) * 1e3)
+                    fn()
+                    want = seen["h"]
+                    for label, backend in backends.items():
+                        try:
+                            with sdpa_kernel([backend]):
+                                fn()
+                                row[f"{label}_max_abs_diff"] = (seen["h"] - want).abs().max().item()
+                                row[f"{label}_ms"] = timed(fn, device, 5, 1) * 1e3
+                        except Exception as e:  # this backend cannot run these shapes here: a finding
+                            row[f"{label}_error"] = failed(e)
+                rows.append(row)
+                log(row)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return rows
 
 
 def failed(e: Exception) -> str:

@@ -12,7 +12,7 @@ import torch
 
 from tests.helpers.tiny_models import randomize_, tiny_decoder_config, tiny_prior_config, tiny_vqgan_config
 from wuerstchen_core.errors import CheckpointError, WrongComponentError
-from wuerstchen_core.models.vqgan import MixingResidualBlock
+from wuerstchen_core.models.vqgan import MixingResidualBlock, ReplicationPad
 from wuerstchen_core.models import (
     DecoderConfig,
     PaellaVQGAN,
@@ -183,6 +183,18 @@ def test_gradients_match_reference(kind):
         net(xg, r, *cond).square().mean().backward()
         grads.append(xg.grad)
     assert rel_err(grads[0], grads[1]) <= TOL
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("p", [1, 2])
+def test_replication_pad_equals_torch(p, fmt):
+    """Stage A's copy-based padding: torch's ReplicationPad2d bit for bit, in the input's memory layout."""
+    for shape in [(2, 5, 7, 9), (3, 4, 1, 6), (1, 2, 3, 1)]:
+        for dtype in (torch.float32, torch.float16):
+            x = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
+            got = ReplicationPad(p)(x)
+            assert torch.equal(got, torch.nn.ReplicationPad2d(p)(x))
+            assert got.is_contiguous(memory_format=fmt) or shape[-1] == 1  # 1-wide: both layouts coincide
 
 
 @pytest.mark.parametrize("banded", [False, True], ids=["whole", "banded"])

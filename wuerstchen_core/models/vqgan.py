@@ -54,6 +54,29 @@ class VQGANConfig:
             raise CheckpointError(f"VQGAN config.json has an invalid value ({e}); expected numbers.") from None
 
 
+class ReplicationPad(nn.Module):
+    """nn.ReplicationPad2d(p) written as copies into a new map of x's memory layout: the same values.
+    PyTorch's CUDA replication-pad kernel walks one channel's plane per thread block, so on channels_last
+    maps its neighbouring threads touch addresses C elements apart; these copies run along the channels."""
+
+    def __init__(self, p: int):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):  # [B,C,H,W] -> [B,C,H+2p,W+2p]
+        p, (b, c, h, w) = self.p, x.shape
+        nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        out = torch.empty((b, c, h + 2 * p, w + 2 * p), dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+        rows = out[:, :, p:p + h]
+        rows[..., p:p + w] = x
+        rows[..., :p] = x[..., :1]  # left and right columns, broadcast
+        rows[..., p + w:] = x[..., -1:]
+        out[:, :, :p] = out[:, :, p:p + 1]  # top and bottom rows, corners included
+        out[:, :, p + h:] = out[:, :, p + h - 1:p + h]
+        return out
+
+
 class MixingResidualBlock(nn.Module):
     """Paella block: gated depthwise (replication padded) and channelwise residual updates.
 
@@ -65,7 +88,7 @@ class MixingResidualBlock(nn.Module):
 
     def __init__(self, c):
         super().__init__()
-        self.depthwise = nn.Sequential(nn.ReplicationPad2d(1), nn.Conv2d(c, c, kernel_size=3, groups=c))
+        self.depthwise = nn.Sequential(ReplicationPad(1), nn.Conv2d(c, c, kernel_size=3, groups=c))
         self.channelwise = nn.Sequential(nn.Linear(c, c * 4), GELU(), nn.Linear(c * 4, c))
         self.gammas = nn.Parameter(torch.zeros(6))
 

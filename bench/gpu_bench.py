@@ -7,10 +7,11 @@ preset with CFG 4 (batch 2 per image), Stage B 12 steps without CFG, Stage A dec
     python bench/gpu_bench.py --tiny --out DIR     # the same code paths with tiny models (CPU ok)
 
 Prints a table per section and writes DIR/gpu_bench.json. Sections that would overrun --budget-s
-are skipped and say so; all of them took 5.5 minutes on an H200 (2026-11-26, run 6; two sections
-added since, ≈ 0.5 min), most of it the two compiles of fast mode (batch 1 and batch 8, 87 s each). The
-last section, fast-mode steps at batch 2/4 and 1536²/2048² (a compile per shape, 90–100 s each), does
-not fit after them: `--only fast_sweep --budget-s 480` runs it alone (≈ 7.5 min).
+are skipped and say so; all of them took 5.5 minutes on an H200 (2026-11-26, run 6; three sections
+added since, ≈ 1 min), most of it the two compiles of fast mode (batch 1 and batch 8, 87 s each). The
+last two do not fit after them: `regional_compile` (fast mode with each block type compiled once, an
+experiment) and fast-mode steps at batch 2/4 and 1536²/2048² (a compile per shape, 90–100 s each):
+`--only regional_compile,fast_sweep --budget-s 480` runs them alone.
 diffusers is needed only for the "diffusers" rows (test-only reference).
 """
 
@@ -582,7 +583,7 @@ def main():
     # ---- fast-mode steps at the other shapes of the eager sweep: one compile each (90–100 s on the H200),
     # so it does not fit the default budget after the rest; run it alone with --only fast_sweep
     per_shape_s = 110 if not tiny else 15  # a compile and the timings, on the H200 (run 7)
-    if section("fast_sweep", 4 * per_shape_s):
+    if section("fast_sweep", per_shape_s):  # it stops before a shape that would overrun
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, limit, 64)  # every shape is a recompile; past the limit torch runs eager
         net_c, net_b = (compile_model(m[k], device.type == "cuda") for k in ("prior", "decoder"))

@@ -84,11 +84,16 @@ def test_on_device_streams_parts_one_at_a_time():
 @torch.no_grad()
 def test_conditioning_layers_run_once_per_run_and_never_in_a_step(kind):
     """Low-VRAM streams conditioning_layers: right only if condition() runs each of them once and the
-    step (forward with the prepared cond) none of them."""
+    step (forward with the prepared cond) none of them. condition() also projects the text tokens' keys
+    and values, so a step's to_k/to_v see exactly the rows its to_q sees: the image tokens."""
     model = tiny_prior() if kind == "prior" else tiny_decoder().fold_effnet()
-    calls = []
+    calls, rows = [], []
     for layer in model.conditioning_layers:
         layer.register_forward_hook(lambda m, *_: calls.append(m))
+    for m in model.modules():
+        if isinstance(m, Attention):
+            for name in ("to_q", "to_k", "to_v"):
+                getattr(m, name).register_forward_hook(lambda _, args, __, name=name: rows.append((name, args[0].shape)))
     if kind == "prior":
         x, r, clip = prior_inputs(model)
         cond = model.condition(clip)
@@ -96,33 +101,13 @@ def test_conditioning_layers_run_once_per_run_and_never_in_a_step(kind):
         x, r, effnet, clip = decoder_inputs(model)
         cond = model.condition(effnet, clip, x.shape[-2:])
     assert sorted(map(id, calls)) == sorted(map(id, model.conditioning_layers))
-    calls.clear()
+    calls.clear(), rows.clear()
     model(x, r, cond=cond)
     assert calls == []
-    streamed = {id(t) for layer in model.conditioning_layers for t in layer.parameters()}
-    assert sum(t.numel() for t in model.parameters() if id(t) in streamed) > 0
-
-
-@pytest.mark.parametrize("kind", ["prior", "decoder"])
-def test_a_step_projects_only_the_image_tokens(kind):
-    """The text tokens' keys and values are projected once per run (condition()); a step's to_k/to_v see
-    exactly the rows its to_q sees, the image tokens."""
-    model = tiny_prior() if kind == "prior" else tiny_decoder().fold_effnet()
-    if kind == "prior":
-        x, r, clip = prior_inputs(model)
-        cond = model.condition(clip)
-    else:
-        x, r, effnet, clip = decoder_inputs(model)
-        cond = model.condition(effnet, clip, x.shape[-2:])
-    rows = []
-    for m in model.modules():
-        if isinstance(m, Attention):
-            for name in ("to_q", "to_k", "to_v"):
-                getattr(m, name).register_forward_hook(lambda _, args, __, name=name: rows.append((name, args[0].shape)))
-    with torch.no_grad():
-        model(x, r, cond=cond)
     q, k, v = ([shape for n, shape in rows if n == name] for name in ("to_q", "to_k", "to_v"))
     assert q and k == q and v == q
+    streamed = {id(t) for layer in model.conditioning_layers for t in layer.parameters()}
+    assert sum(t.numel() for t in model.parameters() if id(t) in streamed) > 0
 
 
 def test_text_encoder_streams_everything_but_its_final_norm():

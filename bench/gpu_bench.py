@@ -11,7 +11,8 @@ are skipped and say so; all of them took 5.5 minutes on an H200 (2026-11-26, run
 added since, ≈ 1 min), most of it the two compiles of fast mode (batch 1 and batch 8, 87 s each). The
 last two do not fit after them: `regional_compile` (fast mode with each block type compiled once, an
 experiment) and fast-mode steps at batch 2/4 and 1536²/2048² (a compile per shape, 90–100 s each):
-`--only regional_compile,fast_sweep --budget-s 480` runs them alone.
+run the rest with `--skip regional_compile,fast_sweep`, and them alone with `--only
+regional_compile,fast_sweep` (fast_sweep stops before a shape that would overrun --budget-s).
 diffusers is needed only for the "diffusers" rows (test-only reference).
 """
 

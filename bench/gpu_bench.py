@@ -9,10 +9,11 @@ preset with CFG 4 (batch 2 per image), Stage B 12 steps without CFG, Stage A dec
 Prints a table per section and writes DIR/gpu_bench.json. Sections that would overrun --budget-s
 are skipped and say so; all of them took 5.5 minutes on an H200 (2026-11-26, run 6; three sections
 added since, ≈ 1 min), most of it the two compiles of fast mode (batch 1 and batch 8, 87 s each). The
-last two do not fit after them: `regional_compile` (fast mode with each block type compiled once, an
-experiment) and fast-mode steps at batch 2/4 and 1536²/2048² (a compile per shape, 90–100 s each):
-run the rest with `--skip regional_compile,fast_sweep`, and them alone with `--only
-regional_compile,fast_sweep` (fast_sweep stops before a shape that would overrun --budget-s).
+last three do not fit after them: `autotune_b8` and `regional_compile` (experiments: batch-8 steps
+compiled with mode="max-autotune"; fast mode with each block type compiled once) and fast-mode steps at
+batch 2/4 and 1536²/2048² (a compile per shape, 90–100 s each): run the rest with `--skip
+autotune_b8,regional_compile,fast_sweep`, and them with `--only` (each stops before what would overrun
+--budget-s).
 diffusers is needed only for the "diffusers" rows (test-only reference).
 """
 
@@ -486,9 +487,14 @@ def main():
             t = timed(lambda: ours_generate(fast, base, 8), device, 2, 0)
             stages = {}
             staged_generate(fast, base, low_vram=False, stats=stages, batch=8)
-            results["sections"]["fast_mode"].append(dict(size=base, batch=8, s_per_image=t / 8,
-                                                         first_run_compile_s=compile_s, stages=stages))
-            log(results["sections"]["fast_mode"][-1])
+            row = dict(size=base, batch=8, s_per_image=t / 8, first_run_compile_s=compile_s, stages=stages)
+            try:  # the kernels of the whole batch (compiled and graph-replayed: no operator launches them)
+                row["kernels"] = op_breakdown(lambda: ours_generate(fast, base, 8), device, top=30, reps=1,
+                                              kernels=True)
+            except Exception as e:
+                row["kernels"] = failed(e)
+            results["sections"]["fast_mode"].append(row)
+            log(row)
             save()
 
     # ---- where a batch-8 step's device time goes, by operator (the batch-8 fast target is compute- and
@@ -569,6 +575,33 @@ def main():
             log(row)
         results["sections"]["cuda_graphs"] = rows
         save()
+
+    # ---- batch-8 steps compiled with mode="max-autotune": Triton GEMM templates benchmarked against cuBLAS,
+    # with the GELU/GRN/bias/residual passes fused into their prologues and epilogues where that wins.
+    # Compile time and ms per step against fast_mode's steps in the loop (42.8 / 66.4 ms in run 6).
+    if section("autotune_b8", 240 if not tiny else 60):
+        rows = []
+        for name, key in (("Stage C", "prior"), ("Stage B", "decoder")):
+            if time.perf_counter() - t_start + 120 > args.budget_s:
+                log(f"autotune_b8: {name} would overrun the budget; stopped")
+                break
+            try:
+                net = torch.compile(m[key], mode="max-autotune", fullgraph=True, dynamic=False)
+                pair = step_fns(net, m["decoder"], base, 8) if key == "prior" else step_fns(m["prior"], net, base, 8)
+                fn = pair[0 if key == "prior" else 1]
+                with torch.no_grad():
+                    t0 = time.perf_counter()
+                    fn()
+                    sync(device)
+                    row = dict(stage=name, batch=8, compile_s=time.perf_counter() - t0, ms=timed(fn, device, 10, 2) * 1e3)
+            except Exception as e:
+                row = dict(stage=name, batch=8, error=failed(e))
+            net = fn = pair = None
+            free(device)
+            rows.append(row)
+            log(row)
+            results["sections"]["autotune_b8"] = rows
+            save()
 
     # ---- fast mode with each block type compiled once and reused: compile time and step times against
     # fast_mode's (batch 1), outputs against eager. Not in the default budget; run it with --only.
@@ -680,10 +713,11 @@ def failed(e: Exception) -> str:
     return f"failed: {type(e).__name__}: {e}"[:300]
 
 
-def op_breakdown(fn, device, top=20, reps=3):
+def op_breakdown(fn, device, top=20, reps=3, kernels=False):
     """`fn`'s operators ranked by their own time on `device` over `reps` calls (torch.profiler; on
     CUDA the kernel time of each aten operator that launched them): name, ms per call, share of the
-    total, calls per call of `fn`."""
+    total, calls per call of `fn`. kernels: rank the CUDA kernels themselves instead (a compiled,
+    graph-replayed step has no aten operator per kernel); on the CPU the operators as before."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -696,8 +730,9 @@ def op_breakdown(fn, device, top=20, reps=3):
                 fn()
             sync(device)
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    # operators only (kernels are counted under the operator that launched them)
-    ops = [(e.key, getattr(e, attr), e.count) for e in prof.key_averages() if e.device_type == DeviceType.CPU]
+    # operators only (kernels are counted under the operator that launched them), or the kernels
+    level = DeviceType.CUDA if cuda and kernels else DeviceType.CPU
+    ops = [(e.key, getattr(e, attr), e.count) for e in prof.key_averages() if e.device_type == level]
     total = sum(t for _, t, _ in ops) or 1
     ops.sort(key=lambda o: -o[1])
     return [dict(op=k[:120], ms=t / reps / 1e3, share=t / total, calls=c // reps) for k, t, c in ops[:top] if t > 0]

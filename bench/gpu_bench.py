@@ -9,11 +9,12 @@ preset with CFG 4 (batch 2 per image), Stage B 12 steps without CFG, Stage A dec
 Prints a table per section and writes DIR/gpu_bench.json. Sections that would overrun --budget-s
 are skipped and say so; all of them took 5.5 minutes on an H200 (2026-11-26, run 6; three sections
 added since, ≈ 1 min), most of it the two compiles of fast mode (batch 1 and batch 8, 87 s each). The
-last three do not fit after them: `autotune_b8` and `regional_compile` (experiments: batch-8 steps
-compiled with mode="max-autotune"; fast mode with each block type compiled once) and fast-mode steps at
-batch 2/4 and 1536²/2048² (a compile per shape, 90–100 s each): run the rest with `--skip
-autotune_b8,regional_compile,fast_sweep`, and them with `--only` (each stops before what would overrun
---budget-s).
+last, fast-mode steps at batch 2/4 and 1536²/2048² (a compile per shape, 90–100 s each), does not fit
+after them (`--skip fast_sweep`; `--only fast_sweep` runs it alone, stopping before a shape that would
+overrun --budget-s). Three sections run only when named in --only, in a second process after the main
+run: `warm_compile` (fast mode's first run with the compile caches the main run left on disk: what a
+later launch pays), `autotune_b8` and `regional_compile` (experiments, compiled with cold caches:
+batch-8 steps with mode="max-autotune"; fast mode with each block type compiled once).
 diffusers is needed only for the "diffusers" rows (test-only reference).
 """
 
@@ -43,6 +44,7 @@ from wuerstchen_core.schedule import stage_c_preset  # noqa: E402
 from wuerstchen_core.text import TextEncoder, load_tokenizer  # noqa: E402
 
 GiB = 2**30
+OPT_IN = ("autotune_b8", "warm_compile", "regional_compile")  # experiments: run only when named in --only
 PROMPT = "an astronaut riding a horse on the moon, detailed, 8k"
 
 
@@ -219,8 +221,8 @@ def main():
             json.dump(results, f, indent=1, default=str)
 
     def section(name, est_s):  # est_s: the section's seconds on the H200 (bench/results_h200), rounded up
-        if name in skip or (only and name not in only):
-            log(f"SKIP {name} (--skip/--only)")
+        if name in skip or (only and name not in only) or (name in OPT_IN and name not in only):
+            log(f"SKIP {name} (--skip/--only{'; runs only when named in --only' if name in OPT_IN else ''})")
             return False
         if time.perf_counter() - t_start + est_s > args.budget_s:
             log(f"SKIP {name}: would overrun the budget")
@@ -586,13 +588,15 @@ def main():
                 log(f"autotune_b8: {name} would overrun the budget; stopped")
                 break
             try:
+                torch._dynamo.reset()  # no compiled code of an earlier section may be reused
                 net = torch.compile(m[key], mode="max-autotune", fullgraph=True, dynamic=False)
                 pair = step_fns(net, m["decoder"], base, 8) if key == "prior" else step_fns(m["prior"], net, base, 8)
                 fn = pair[0 if key == "prior" else 1]
                 with torch.no_grad():
                     t0 = time.perf_counter()
-                    fn()
-                    sync(device)
+                    with cold_compile_caches():
+                        fn()
+                        sync(device)
                     row = dict(stage=name, batch=8, compile_s=time.perf_counter() - t0, ms=timed(fn, device, 10, 2) * 1e3)
             except Exception as e:
                 row = dict(stage=name, batch=8, error=failed(e))
@@ -603,14 +607,31 @@ def main():
             results["sections"]["autotune_b8"] = rows
             save()
 
-    # ---- fast mode with each block type compiled once and reused: compile time and step times against
-    # fast_mode's (batch 1), outputs against eager. Not in the default budget; run it with --only.
-    if section("regional_compile", 150 if not tiny else 40):
+    # ---- fast mode's first run when an earlier process compiled the same shapes on this machine (torch's
+    # on-disk compile caches): what a user pays at every launch after the first. Meaningful in a second
+    # process after the main run (opt-in, like the experiments around it).
+    if section("warm_compile", 60 if not tiny else 30):
+        torch._dynamo.reset()  # this process's compiled code: forget it, keep the disk caches
+        fast = dict(m, prior=compile_model(m["prior"], device.type == "cuda"),
+                    decoder=compile_model(m["decoder"], device.type == "cuda"))
+        t0 = time.perf_counter()
+        ours_generate(fast, base, 1)
+        sync(device)
+        results["sections"]["warm_compile"] = dict(size=base, batch=1, first_run_s=time.perf_counter() - t0,
+                                                   s_per_image=timed(lambda: ours_generate(fast, base, 1), device, 3, 1))
+        log(results["sections"]["warm_compile"])
+        fast = None
+        free(device)
+        save()
+
+    # ---- fast mode with each block type compiled once and reused, against fast mode as it is: compile
+    # time and step times at batch 1, both with cold caches (opt-in).
+    if section("regional_compile", 200 if not tiny else 60):
         try:
             results["sections"]["regional_compile"] = regional_compile(m, step_fns, base, device, log)
         except Exception as e:
             results["sections"]["regional_compile"] = failed(e)
-        log(results["sections"]["regional_compile"])
+            log(results["sections"]["regional_compile"])
         free(device)
         save()
 
@@ -642,31 +663,47 @@ def main():
     return finish(results, args, log)
 
 
+def cold_compile_caches():
+    """Compile as on a fresh machine: without the on-disk caches an earlier run (or section) filled."""
+    import torch._inductor.config as inductor_config
+    return inductor_config.patch(force_disable_caches=True)
+
+
 def regional_compile(m, step_fns, size, device, log):
-    """Fast mode with every ResBlock/AttnBlock forward marked torch.compiler.nested_compile_region: each
-    block type is traced and compiled once and its code reused for all its instances, where fast mode
-    compiles each of Stage C's 64 and Stage B's 96 such blocks on its own. Batch 1 steps: first-call
-    (compile) seconds and ms per step. (No output comparison: the bench's zeroed output heads make every
-    network's eps equal x; the tests compare compiled and eager outputs.)"""
+    """Fast mode as it is, then with every ResBlock/AttnBlock forward marked
+    torch.compiler.nested_compile_region (each block type traced and compiled once and its code reused for
+    all its instances, where fast mode compiles each of Stage C's 64 and Stage B's 96 such blocks on its
+    own). Batch 1 steps, cold caches: first-call (compile) seconds and ms per step, per variant. (No output
+    comparison: the bench's zeroed output heads make every network's eps equal x; the tests compare
+    compiled and eager outputs.)"""
     from wuerstchen_core.models.common import AttnBlock, ResBlock, ResBlockStageB
 
     region = getattr(torch.compiler, "nested_compile_region", None)
     if region is None:
         return f"unavailable: torch {torch.__version__} has no torch.compiler.nested_compile_region"
     originals = {cls: cls.forward for cls in (ResBlock, ResBlockStageB, AttnBlock)}
+    rows = []
     try:
-        for cls, forward in originals.items():
-            cls.forward = region(forward)
-        nets = [compile_model(m[k], device.type == "cuda") for k in ("prior", "decoder")]
-        row = dict(size=size, batch=1)
-        with torch.no_grad():
-            for name, fn in zip("cb", step_fns(*nets, size, 1)):
-                t0 = time.perf_counter()
-                fn()
-                sync(device)
-                row[f"{name}_compile_s"] = time.perf_counter() - t0
-                row[f"{name}_ms"] = timed(fn, device, 10, 2) * 1e3
-        return row
+        for variant in ("whole", "regional"):
+            if variant == "regional":
+                for cls, forward in originals.items():
+                    cls.forward = region(forward)
+            torch._dynamo.reset()  # no compiled code of an earlier variant or section may be reused
+            nets = [compile_model(m[k], device.type == "cuda") for k in ("prior", "decoder")]
+            row = dict(variant=variant, size=size, batch=1)
+            with torch.no_grad():
+                for name, fn in zip("cb", step_fns(*nets, size, 1)):
+                    t0 = time.perf_counter()
+                    with cold_compile_caches():
+                        fn()
+                        sync(device)
+                    row[f"{name}_compile_s"] = time.perf_counter() - t0
+                    row[f"{name}_ms"] = timed(fn, device, 10, 2) * 1e3
+            rows.append(row)
+            log(row)
+            nets = None
+            free(device)
+        return rows
     finally:
         for cls, forward in originals.items():
             cls.forward = forward

@@ -7,8 +7,8 @@ preset with CFG 4 (batch 2 per image), Stage B 12 steps without CFG, Stage A dec
     python bench/gpu_bench.py --tiny --out DIR     # the same code paths with tiny models (CPU ok)
 
 Prints a table per section and writes DIR/gpu_bench.json. Sections that would overrun --budget-s
-are skipped and say so; all of them took 5.5 minutes on an H200 (2026-11-26, run 6; three sections
-added since, ≈ 1 min), most of it the two compiles of fast mode (batch 1 and batch 8, 87 s each). The
+are skipped and say so; all of them took 5.5 minutes on an H200 (2026-11-26, run 6; four sections
+added or grown since, ≈ 1.5 min), most of it the two compiles of fast mode (batch 1 and batch 8, 87 s each). The
 last, fast-mode steps at batch 2/4 and 1536²/2048² (a compile per shape, 90–100 s each), does not fit
 after them (`--skip fast_sweep`; `--only fast_sweep` runs it alone, stopping before a shape that would
 overrun --budget-s). Three sections run only when named in --only, in a second process after the main

@@ -93,7 +93,8 @@ def test_conditioning_layers_run_once_per_run_and_never_in_a_step(kind):
     for m in model.modules():
         if isinstance(m, Attention):
             for name in ("to_q", "to_k", "to_v"):
-                getattr(m, name).register_forward_hook(lambda _, args, __, name=name: rows.append((name, args[0].shape)))
+                record = (lambda name: lambda _, args, __: rows.append((name, args[0].shape)))(name)
+                getattr(m, name).register_forward_hook(record)
     if kind == "prior":
         x, r, clip = prior_inputs(model)
         cond = model.condition(clip)

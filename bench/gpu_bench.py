@@ -600,17 +600,11 @@ def main():
                 torch._dynamo.reset()  # no compiled code of an earlier section may be reused
                 net = torch.compile(m[key], mode="max-autotune", fullgraph=True, dynamic=False)
                 pair = step_fns(net, m["decoder"], base, 8) if key == "prior" else step_fns(m["prior"], net, base, 8)
-                fn = pair[0 if key == "prior" else 1]
-                with torch.no_grad():
-                    t0 = time.perf_counter()
-                    with cold_compile_caches():
-                        fn()
-                        sync(device)
-                    row = dict(stage=name, batch=8, compile_s=time.perf_counter() - t0)
-                    row["ms"] = timed(fn, device, 10, 2) * 1e3
+                compile_s, ms = first_call_and_ms(pair[0 if key == "prior" else 1], device, cold=True)
+                row = dict(stage=name, batch=8, compile_s=compile_s, ms=ms)
             except Exception as e:
                 row = dict(stage=name, batch=8, error=failed(e))
-            net = fn = pair = None
+            net = pair = None
             free(device)
             rows.append(row)
             log(row)
@@ -658,13 +652,10 @@ def main():
             if time.perf_counter() - t_start + per_shape_s > args.budget_s:
                 log(f"fast_sweep: {size}² batch {batch} would overrun the budget; stopped")
                 break
-            fc, fb = step_fns(net_c, net_b, size, batch)
+            row = dict(size=size, batch=batch)
+            for name, fn in zip("cb", step_fns(net_c, net_b, size, batch)):
+                row[f"{name}_compile_s"], row[f"{name}_ms"] = first_call_and_ms(fn, device)
             with torch.no_grad():
-                t0 = time.perf_counter()
-                fc(), fb()
-                sync(device)
-                row = dict(size=size, batch=batch, compile_s=time.perf_counter() - t0,
-                           c_ms=timed(fc, device, 10, 2) * 1e3, b_ms=timed(fb, device, 10, 2) * 1e3)
                 eager_c, eager_b = step_fns(m["prior"], m["decoder"], size, batch)
                 row.update(c_tflops=flops_of(eager_c) / row["c_ms"] / 1e9, b_tflops=flops_of(eager_b) / row["b_ms"] / 1e9)
             rows.append(row)
@@ -672,6 +663,17 @@ def main():
             results["sections"]["fast_sweep"] = rows
             save()
     return finish(results, args, log)
+
+
+def first_call_and_ms(fn, device, cold=False):
+    """fn's first call in seconds (its compile; cold: without the on-disk compile caches), then its ms per
+    call."""
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        with cold_compile_caches() if cold else contextlib.nullcontext():
+            fn()
+            sync(device)
+        return time.perf_counter() - t0, timed(fn, device, 10, 2) * 1e3
 
 
 def cold_compile_caches():
@@ -702,14 +704,8 @@ def regional_compile(m, step_fns, size, device, log):
             torch._dynamo.reset()  # no compiled code of an earlier variant or section may be reused
             nets = [compile_model(m[k], device.type == "cuda") for k in ("prior", "decoder")]
             row = dict(variant=variant, size=size, batch=1)
-            with torch.no_grad():
-                for name, fn in zip("cb", step_fns(*nets, size, 1)):
-                    t0 = time.perf_counter()
-                    with cold_compile_caches():
-                        fn()
-                        sync(device)
-                    row[f"{name}_compile_s"] = time.perf_counter() - t0
-                    row[f"{name}_ms"] = timed(fn, device, 10, 2) * 1e3
+            for name, fn in zip("cb", step_fns(*nets, size, 1)):
+                row[f"{name}_compile_s"], row[f"{name}_ms"] = first_call_and_ms(fn, device, cold=True)
             rows.append(row)
             log(row)
             nets = None

@@ -1,0 +1,42 @@
+"""The GPU benchmark's code paths, dry-run on the CPU with tiny models: GPU time is scarce, so a bench
+that breaks between GPU sessions must fail here, not on the device. (Timings are not checked: speed is
+measured by the bench, never asserted in tests.)"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the sections that run in seconds on the CPU; fast mode and the compile experiments take minutes there
+SECTIONS = ["step_sweep", "e2e_eager", "all_resident", "low_vram", "e2e_batch", "low_vram_fp8", "profile",
+            "cuda_graphs", "attention_backends"]
+
+
+def _failures(value, where=""):
+    """Every "failed: ..." a section recorded (a section or row that raised), with where it sits."""
+    if isinstance(value, str):
+        return [f"{where}: {value}"] if value.startswith("failed") else []
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return []
+    # attention_backends records the fused kernels a CPU lacks (cuDNN, memory-efficient) as *_error
+    return [f for k, v in items if not str(k).endswith("_error") for f in _failures(v, f"{where}/{k}")]
+
+
+def test_gpu_bench_tiny_dry_run(tmp_path):
+    pytest.importorskip("diffusers", reason="the bench's reference rows need diffusers (the test-only oracle)")
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "gpu_bench.py"), "--tiny", "--only", ",".join(SECTIONS),
+           "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sections = json.loads((tmp_path / "gpu_bench.json").read_text())["sections"]
+    assert sorted(sections) == sorted(SECTIONS)
+    assert _failures(sections) == []
+    rows = sections["attention_backends"]
+    assert len(rows) == 4 and all(row["flash_max_abs_diff"] == 0 for row in rows)  # the default kernel is flash

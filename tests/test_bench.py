@@ -10,8 +10,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the sections that run in seconds on the CPU; fast mode and the compile experiments take minutes there
-SECTIONS = ["step_sweep", "e2e_eager", "all_resident", "low_vram", "e2e_batch", "low_vram_fp8", "profile",
+# the sections that take seconds on the CPU (fast mode: two tiny compiles); not the opt-in compile experiments
+SECTIONS = ["step_sweep", "e2e_eager", "all_resident", "low_vram", "e2e_batch", "low_vram_fp8", "fast_mode", "profile",
             "cuda_graphs", "attention_backends"]
 
 
@@ -31,12 +31,13 @@ def _failures(value, where=""):
 
 def test_gpu_bench_tiny_dry_run(tmp_path):
     pytest.importorskip("diffusers", reason="the bench's reference rows need diffusers (the test-only oracle)")
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "gpu_bench.py"), "--tiny", "--only", ",".join(SECTIONS),
-           "--out", str(tmp_path)]
+    only = ",".join(SECTIONS + ["fast_mode_b8"])  # its row joins fast_mode's
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "gpu_bench.py"), "--tiny", "--only", only, "--out", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     sections = json.loads((tmp_path / "gpu_bench.json").read_text())["sections"]
     assert sorted(sections) == sorted(SECTIONS)
     assert _failures(sections) == []
+    assert [row["batch"] for row in sections["fast_mode"]] == [1, 8] and sections["fast_mode"][1]["kernels"]
     rows = sections["attention_backends"]
     assert len(rows) == 4 and all(row["flash_max_abs_diff"] == 0 for row in rows)  # the default kernel is flash

@@ -725,30 +725,32 @@ def attention_backends(prior, decoder, step_fns, size, device, log):
 
     backends = dict(flash=SDPBackend.FLASH_ATTENTION, cudnn=SDPBackend.CUDNN_ATTENTION,
                     efficient=SDPBackend.EFFICIENT_ATTENTION)
-    rows, seen = [], {}
-    # the output heads' input: the bench's zeroed heads make the networks' outputs independent of attention
-    hooks = [head.register_forward_pre_hook(lambda _, args: seen.update(h=args[0].float()))
-             for head in (prior.out, decoder.clf)]
-    try:
-        for batch in (1, 8):
-            for name, fn in zip(("Stage C", "Stage B"), step_fns(prior, decoder, size, batch)):
-                with torch.no_grad():
-                    row = dict(stage=name, batch=batch, default_ms=timed(fn, device, 5, 1) * 1e3)
-                    fn()
-                    want = seen["h"]
-                    for label, backend in backends.items():
-                        try:
-                            with sdpa_kernel([backend]):
-                                fn()
-                                row[f"{label}_max_abs_diff"] = (seen["h"] - want).abs().max().item()
-                                row[f"{label}_ms"] = timed(fn, device, 5, 1) * 1e3
-                        except Exception as e:  # this backend cannot run these shapes here: a finding
-                            row[f"{label}_error"] = failed(e)
-                rows.append(row)
-                log(row)
-    finally:
-        for hook in hooks:
-            hook.remove()
+
+    def last_hidden(fn):  # the output head's input: the bench's zeroed heads make the outputs ignore attention
+        seen = {}
+        hooks = [head.register_forward_pre_hook(lambda _, args: seen.update(h=args[0].float()))
+                 for head in (prior.out, decoder.clf)]
+        try:
+            fn()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return seen["h"]
+
+    rows = []
+    for batch in (1, 8):
+        for name, fn in zip(("Stage C", "Stage B"), step_fns(prior, decoder, size, batch)):
+            with torch.no_grad():
+                row, want = dict(stage=name, batch=batch, default_ms=timed(fn, device, 5, 1) * 1e3), last_hidden(fn)
+                for label, backend in backends.items():
+                    try:
+                        with sdpa_kernel([backend]):
+                            row[f"{label}_max_abs_diff"] = (last_hidden(fn) - want).abs().max().item()
+                            row[f"{label}_ms"] = timed(fn, device, 5, 1) * 1e3
+                    except Exception as e:  # this backend cannot run these shapes here: a finding
+                        row[f"{label}_error"] = failed(e)
+            rows.append(row)
+            log(row)
     return rows
 
 

@@ -210,18 +210,10 @@ class Attention(nn.Module):
     def heads(self, t):  # [B,tokens,C] -> [B,heads,tokens,head_dim]
         return t.unflatten(-1, (self.nhead, -1)).transpose(1, 2)
 
-    def forward(self, x, cond_kv):  # x [B,N,C]; cond_kv: keys, values of the conditioning tokens, [B,T,C] each
-        """Attention of x over [x || conditioning tokens], projected by this layer: the conditioning's keys and
-        values come precomputed (project_condition), so a sampling step projects only x's N tokens."""
-        cond_k, cond_v = cond_kv
-        q = self.heads(self.to_q(x))
-        k = self.heads(torch.cat([self.to_k(x), cond_k], dim=1))
-        v = self.heads(torch.cat([self.to_v(x), cond_v], dim=1))
+    def forward(self, x, kv):  # x [B,N,C], kv [B,M,C]
+        q, k, v = self.heads(self.to_q(x)), self.heads(self.to_k(kv)), self.heads(self.to_v(kv))
         out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim), no mask
         return self.to_out[0](out.transpose(1, 2).flatten(2))
-
-    def project_condition(self, tokens):  # [B,T,C] -> (keys, values), [B,T,C] each
-        return self.to_k(tokens), self.to_v(tokens)
 
 
 class AttnBlock(nn.Module):
@@ -234,12 +226,11 @@ class AttnBlock(nn.Module):
         self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c))
 
     def map_condition(self, silu_cond):
-        """SiLU(cond) [B,T,c_cond] -> the keys and values ([B,T,C] each) of the conditioning tokens the image
-        attends to besides itself. They depend on the text alone: the network applies the SiLU once for all
-        its AttnBlocks and a sampler maps and projects the conditioning once per run, where the reference
-        projects the text tokens again at every step (2% of a Stage C step's FLOPs)."""
-        return self.attention.project_condition(self.kv_mapper[1](silu_cond))
+        """SiLU(cond) [B,T,c_cond] -> the [B,T,C] tokens the image attends to besides itself. The network
+        applies the SiLU once for all its AttnBlocks and maps the conditioning once per sampling run."""
+        return self.kv_mapper[1](silu_cond)
 
-    def forward(self, x, cond_kv):  # x [B,C,H,W], cond_kv = map_condition(SiLU(cond))
+    def forward(self, x, cond_tokens):  # x [B,C,H,W], cond_tokens = map_condition(SiLU(cond)) [B,T,C]
         tokens = F.layer_norm(x.flatten(2).transpose(1, 2), x.shape[1:2], eps=LN_EPS)  # [B,HW,C]
-        return x + self.attention(tokens, cond_kv).transpose(1, 2).reshape(x.shape)
+        kv = torch.cat([tokens, cond_tokens], dim=1)
+        return x + self.attention(tokens, kv).transpose(1, 2).reshape(x.shape)

@@ -145,9 +145,9 @@ class WuerstchenDecoder(nn.Module):
 
     def condition(self, effnet, clip, grid) -> list:
         """What the forward derives from the conditioning alone, for a Stage B latent grid (H, W): per
-        AttnBlock the keys and values ([B,T,c] each) of the text tokens it attends to, per effnet-injected
-        ResBlock the effnet map resized to its level (NHWC, in the model dtype) with the block's fused
-        weights; one entry per such block in the order the forward visits them. A sampler computes it once per run
+        AttnBlock the [B,T,c_cond] text tokens it attends to, per effnet-injected ResBlock the effnet map
+        resized to its level (NHWC, in the model dtype) with the block's fused weights; one entry per
+        such block in the order the forward visits them. A sampler computes it once per run
         (forward's `cond`); effnet may be float32 (it is resized in float32)."""
         dtype = self.embedding[1].weight.dtype  # a conv: never fp8-stored
         silu_clip = F.silu(F.layer_norm(self.clip_mapper(clip), (self.cfg.c_cond,), eps=LN_EPS))

@@ -66,10 +66,9 @@ class WuerstchenPrior(nn.Module):
         # the (ResBlock, TimestepBlock, AttnBlock) triples as plain lists (not registered twice)
         self._res, self._films, self._attns = list(self.blocks[::3]), list(self.blocks[1::3]), list(self.blocks[2::3])
 
-    def condition(self, clip) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """clip [B,T,c_cond] -> per AttnBlock the keys and values ([B,T,c] each) of the text tokens it attends
-        to besides the image. They depend on the text alone, so a sampler computes them once per run
-        (forward's `cond`)."""
+    def condition(self, clip) -> list[torch.Tensor]:
+        """clip [B,T,c_cond] -> the tokens each AttnBlock attends to besides the image ([B,T,c] each).
+        They depend on the text alone, so a sampler computes them once per run (forward's `cond`)."""
         silu_cond = F.silu(self.cond_mapper(clip))  # the kv_mappers' SiLU, shared by every AttnBlock
         return [attn.map_condition(silu_cond) for attn in self._attns]
 

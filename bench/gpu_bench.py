@@ -11,10 +11,11 @@ are skipped and say so; all of them took 5.5 minutes on an H200 (2026-11-26, run
 added or grown since, ≈ 1.5 min), most of it the two compiles of fast mode (batch 1 and batch 8, 87 s each). The
 last, fast-mode steps at batch 2/4 and 1536²/2048² (a compile per shape, 90–100 s each), does not fit
 after them (`--skip fast_sweep`; `--only fast_sweep` runs it alone, stopping before a shape that would
-overrun --budget-s). Three sections run only when named in --only, in a second process after the main
-run: `warm_compile` (fast mode's first run with the compile caches the main run left on disk: what a
-later launch pays), `autotune_b8` and `regional_compile` (experiments, compiled with cold caches:
-batch-8 steps with mode="max-autotune"; fast mode with each block type compiled once).
+overrun --budget-s). Four sections run only when named in --only, in a second process after the main
+run: `grn_layout` (the channel MLP at batch-8 shapes in two layouts of the same arithmetic),
+`autotune_b8` and `regional_compile` (experiments, compiled with cold caches: batch-8 steps with
+mode="max-autotune"; fast mode with each block type compiled once) and `warm_compile` (fast mode's
+first run with the compile caches the main run left on disk: what a later launch pays).
 diffusers is needed only for the "diffusers" rows (test-only reference).
 """
 
@@ -44,7 +45,7 @@ from wuerstchen_core.schedule import stage_c_preset  # noqa: E402
 from wuerstchen_core.text import TextEncoder, load_tokenizer  # noqa: E402
 
 GiB = 2**30
-OPT_IN = ("autotune_b8", "warm_compile", "regional_compile")  # experiments: run only when named in --only
+OPT_IN = ("grn_layout", "autotune_b8", "warm_compile", "regional_compile")  # experiments: run only when named in --only
 PROMPT = "an astronaut riding a horse on the moon, detailed, 8k"
 
 
@@ -587,10 +588,22 @@ def main():
             log(results["sections"]["attention_backends"])
         save()
 
+    # ---- the channel MLP (Linear -> GELU -> GRN -> Linear) at batch-8 shapes, as the blocks compute it (the
+    # GRN's spatial norm an outer reduction over NHWC tokens) and transposed (the first GEMM writes
+    # [4c, B, HW], so the norm is an inner reduction): eager and compiled ms, and their difference (opt-in)
+    if section("grn_layout", 60 if not tiny else 30):
+        try:
+            results["sections"]["grn_layout"] = grn_layouts(device, dtype, tiny, log)
+        except Exception as e:
+            results["sections"]["grn_layout"] = failed(e)
+            log(results["sections"]["grn_layout"])
+        free(device)
+        save()
+
     # ---- batch-8 steps compiled with mode="max-autotune": Triton GEMM templates benchmarked against cuBLAS,
     # with the GELU/GRN/bias/residual passes fused into their prologues and epilogues where that wins.
     # Compile time and ms per step against fast_mode's steps in the loop (42.8 / 66.4 ms in run 6).
-    if section("autotune_b8", 240 if not tiny else 60):
+    if section("autotune_b8", 120 if not tiny else 60):  # and again before each network
         rows = []
         for name, key in (("Stage C", "prior"), ("Stage B", "decoder")):
             if time.perf_counter() - t_start + 120 > args.budget_s:
@@ -714,6 +727,53 @@ def regional_compile(m, step_fns, size, device, log):
     finally:
         for cls, forward in originals.items():
             cls.forward = forward
+
+
+def grn_layouts(device, dtype, tiny, log):
+    """The channel MLP of a ResBlock, fc2(GRN(GELU(fc1(x)))), on batch-8 shapes (Stage C: 16 × 576 tokens of
+    1536 channels, CFG included; Stage B's 128×128 level: 8 × 16384 tokens of 320), in two layouts of the
+    same arithmetic: "tokens" as the blocks run it ([B, HW, 4c]: the GRN norm reduces over the strided token
+    dimension) and "transposed" (fc1 writes [4c, B·HW], so the norm reduces over the contiguous dimension and
+    fc2 reads the transposed map). Eager and torch.compile ms per call; largest difference of the outputs."""
+    from torch.nn import functional as F
+
+    def tokens(x, w1, b1, w2, b2, gamma, beta):  # x [B, N, c]
+        h = F.gelu(F.linear(x, w1, b1))
+        g = torch.linalg.vector_norm(h, dim=1, keepdim=True)  # [B, 1, 4c]
+        d = g.mean(dim=-1, keepdim=True) + 1e-6
+        return F.linear(torch.addcmul(beta, h, 1 + gamma * g / d), w2, b2)
+
+    def transposed(x, w1, b1, w2, b2, gamma, beta):
+        b, n, c = x.shape
+        h = F.gelu(torch.addmm(b1[:, None], w1, x.reshape(b * n, c).t())).view(-1, b, n)  # [4c, B, N]
+        g = torch.linalg.vector_norm(h, dim=-1, keepdim=True)  # [4c, B, 1]
+        d = g.mean(dim=0, keepdim=True) + 1e-6
+        z = torch.addcmul(beta[:, None, None], h, 1 + gamma[:, None, None] * g / d)
+        return torch.addmm(b2, z.view(-1, b * n).t(), w2.t()).view(b, n, -1)
+
+    shapes = [("Stage C", 16, 576, 1536), ("Stage B 128²", 8, 16384, 320)]
+    if tiny:
+        shapes = [(name, b, n // 16, c // 8) for name, b, n, c in shapes]
+    rows = []
+    g = torch.Generator(device=device).manual_seed(0)
+    for name, b, n, c in shapes:
+        args = [torch.randn(*shape, device=device, generator=g).mul(scale).to(dtype) for shape, scale in
+                (((b, n, c), 1.0), ((4 * c, c), c ** -0.5), ((4 * c,), 0.02), ((c, 4 * c), (4 * c) ** -0.5),
+                 ((c,), 0.02), ((4 * c,), 0.1), ((4 * c,), 0.02))]
+        row = dict(shape=name, batch=b, tokens=n, channels=c)
+        with torch.no_grad():
+            outs = {}
+            for label, fn in (("tokens", tokens), ("transposed", transposed)):
+                outs[label] = fn(*args).float()
+                row[f"{label}_eager_ms"] = timed(lambda: fn(*args), device, 10, 2) * 1e3
+                compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+                row[f"{label}_compile_s"], row[f"{label}_compiled_ms"] = first_call_and_ms(lambda: compiled(*args),
+                                                                                          device, cold=True)
+            row["max_abs_diff"] = (outs["tokens"] - outs["transposed"]).abs().max().item()
+            row["max_abs"] = outs["tokens"].abs().max().item()
+        rows.append(row)
+        log(row)
+    return rows
 
 
 def attention_backends(prior, decoder, step_fns, size, device, log):

@@ -10,9 +10,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the sections that take seconds on the CPU (fast mode: two tiny compiles); not the opt-in compile experiments
+# the sections that take seconds on the CPU (fast mode: two tiny compiles); not the long compile experiments
 SECTIONS = ["step_sweep", "e2e_eager", "all_resident", "low_vram", "e2e_batch", "low_vram_fp8", "fast_mode", "profile",
-            "cuda_graphs", "attention_backends"]
+            "cuda_graphs", "attention_backends", "grn_layout"]
 
 
 def _failures(value, where=""):
@@ -39,5 +39,6 @@ def test_gpu_bench_tiny_dry_run(tmp_path):
     assert sorted(sections) == sorted(SECTIONS)
     assert _failures(sections) == []
     assert [row["batch"] for row in sections["fast_mode"]] == [1, 8] and sections["fast_mode"][1]["kernels"]
+    assert all(row["max_abs_diff"] < 1e-4 * row["max_abs"] for row in sections["grn_layout"])  # one arithmetic
     rows = sections["attention_backends"]
     assert len(rows) == 4 and all(row["flash_max_abs_diff"] == 0 for row in rows)  # the default kernel is flash

@@ -45,7 +45,7 @@ def _common_inputs(steps_default, steps_tooltip, cfg_default, cfg_tooltip):
               default=1.0, min=0.0, max=1.0, step=0.01),
         Input("fast_mode", "BOOLEAN", "Compile the network with torch.compile (CUDA graphs on a GPU) for about "
               "2× faster steps at batch 1 (on an H200: Stage C 12.3 → 7.0 ms, Stage B 24.4 → 10.5 ms). The first "
-              "run compiles for about 90 s on an H200, and each new image size or batch compiles again; needs "
+              "run compiles for 90–120 s on an H200, and each new image size or batch compiles again; needs "
               "Triton on a GPU, a C++ compiler on the CPU.", default=False, optional=True),
         Input("cuda_graphs", "BOOLEAN", "Replay the network's steps from CUDA graphs, captured once per image size "
               "and batch with three ordinary steps instead of compiled: on an H200 the replayed steps took 7.7 ms "

@@ -208,7 +208,7 @@ def test_speed_flags_parse_and_fast_is_documented(capsys):
     args = cli.build_parser().parse_args(["generate", "--prompt", "x"])
     assert not (args.fast or args.low_vram or args.fp8 or args.cuda_graphs)
     generate = cli.build_parser()._subparsers._group_actions[0].choices["generate"]
-    assert "about 90 s on an H200" in " ".join(generate.format_help().split())
+    assert "90–120 s on an H200" in " ".join(generate.format_help().split())
     with pytest.raises(SystemExit):  # two ways of removing launch overhead: one at a time
         cli.build_parser().parse_args(["generate", "--prompt", "x", "--fast", "--cuda-graphs"])
     assert "not allowed with argument" in capsys.readouterr().err

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed = g.add_mutually_exclusive_group()
     speed.add_argument("--fast", action="store_true",
                        help="compile Stage B and C (torch.compile; CUDA graphs on a GPU): the first run compiles for "
-                            "about 90 s on an H200, and each new size or batch compiles again")
+                            "90–120 s on an H200, and each new size or batch compiles again")
     speed.add_argument("--cuda-graphs", action="store_true",
                        help="replay Stage B and C's eager steps from CUDA graphs (CUDA only): most of --fast's gain "
                             "at small batches, captured with three eager steps per size and batch instead of compiled")

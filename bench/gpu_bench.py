@@ -221,6 +221,17 @@ def main():
         with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
             json.dump(results, f, indent=1, default=str)
 
+    def record(name, measure):
+        """A section measured by one function: its result, or its failure (a finding, not the end of the
+        run); then the device memory is freed and the results saved."""
+        try:
+            results["sections"][name] = measure()
+        except Exception as e:
+            results["sections"][name] = failed(e)
+            log(results["sections"][name])
+        free(device)
+        save()
+
     def section(name, est_s):  # est_s: the section's seconds on the H200 (bench/results_h200), rounded up
         if name in skip or (only and name not in only) or (name in OPT_IN and name not in only):
             log(f"SKIP {name} (--skip/--only{'; runs only when named in --only' if name in OPT_IN else ''})")
@@ -580,25 +591,13 @@ def main():
     # ---- the steps with each fused attention kernel forced. Last of the default sections: a kernel that
     # faults on these shapes would leave the CUDA context unusable for what comes after it.
     if section("attention_backends", 20 if not tiny else 5):
-        try:
-            results["sections"]["attention_backends"] = attention_backends(
-                m["prior"], m["decoder"], step_fns, base, device, log)
-        except Exception as e:
-            results["sections"]["attention_backends"] = failed(e)
-            log(results["sections"]["attention_backends"])
-        save()
+        record("attention_backends", lambda: attention_backends(m["prior"], m["decoder"], step_fns, base, device, log))
 
     # ---- the channel MLP (Linear -> GELU -> GRN -> Linear) at batch-8 shapes, as the blocks compute it (the
     # GRN's spatial norm an outer reduction over NHWC tokens) and transposed (the first GEMM writes
     # [4c, B, HW], so the norm is an inner reduction): eager and compiled ms, and their difference (opt-in)
     if section("grn_layout", 60 if not tiny else 30):
-        try:
-            results["sections"]["grn_layout"] = grn_layouts(device, dtype, tiny, log)
-        except Exception as e:
-            results["sections"]["grn_layout"] = failed(e)
-            log(results["sections"]["grn_layout"])
-        free(device)
-        save()
+        record("grn_layout", lambda: grn_layouts(device, dtype, tiny, log))
 
     # ---- batch-8 steps compiled with mode="max-autotune": Triton GEMM templates benchmarked against cuBLAS,
     # with the GELU/GRN/bias/residual passes fused into their prologues and epilogues where that wins.
@@ -645,13 +644,7 @@ def main():
     # ---- fast mode with each block type compiled once and reused, against fast mode as it is: compile
     # time and step times at batch 1, both with cold caches (opt-in).
     if section("regional_compile", 200 if not tiny else 60):
-        try:
-            results["sections"]["regional_compile"] = regional_compile(m, step_fns, base, device, log)
-        except Exception as e:
-            results["sections"]["regional_compile"] = failed(e)
-            log(results["sections"]["regional_compile"])
-        free(device)
-        save()
+        record("regional_compile", lambda: regional_compile(m, step_fns, base, device, log))
 
     # ---- fast-mode steps at the other shapes of the eager sweep: one compile each (90–100 s on the H200),
     # so it does not fit the default budget after the rest; run it alone with --only fast_sweep

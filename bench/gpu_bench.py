@@ -11,11 +11,14 @@ are skipped and say so; all of them took 5.5 minutes on an H200 (2026-11-26, run
 added or grown since, ≈ 1.5 min), most of it the two compiles of fast mode (batch 1 and batch 8, 87 s each). The
 last, fast-mode steps at batch 2/4 and 1536²/2048² (a compile per shape, 90–100 s each), does not fit
 after them (`--skip fast_sweep`; `--only fast_sweep` runs it alone, stopping before a shape that would
-overrun --budget-s). Four sections run only when named in --only, in a second process after the main
+overrun --budget-s). Six sections run only when named in --only, in a second process after the main
 run: `grn_layout` (the channel MLP at batch-8 shapes in two layouts of the same arithmetic),
 `autotune_b8` and `regional_compile` (experiments, compiled with cold caches: batch-8 steps with
-mode="max-autotune"; fast mode with each block type compiled once) and `warm_compile` (fast mode's
-first run with the compile caches the main run left on disk: what a later launch pays).
+mode="max-autotune"; fast mode with each block type compiled once), `warm_compile` (fast mode's
+first run with the compile caches the main run left on disk: what a later launch pays), and
+`block_variants` / `step_variants_b8` (bench/block_variants.py: a batch-8 step's repeated units compiled
+in other forms, then whole batch-8 steps in the forms that won; --forms-from reads an earlier
+block_variants run, so the two fit in two device calls).
 diffusers is needed only for the "diffusers" rows (test-only reference).
 """
 
@@ -34,6 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+import block_variants as variants  # noqa: E402  (bench/, beside this file)
 from wuerstchen_core import memory  # noqa: E402
 from wuerstchen_core import pipeline as wp  # noqa: E402
 from wuerstchen_core.models import (  # noqa: E402
@@ -45,7 +49,7 @@ from wuerstchen_core.schedule import stage_c_preset  # noqa: E402
 from wuerstchen_core.text import TextEncoder, load_tokenizer  # noqa: E402
 
 GiB = 2**30
-OPT_IN = ("grn_layout", "autotune_b8", "warm_compile", "regional_compile")  # experiments: run only when named in --only
+OPT_IN = ("grn_layout", "autotune_b8", "warm_compile", "regional_compile", "block_variants", "step_variants_b8")  # experiments: run only when named in --only
 PROMPT = "an astronaut riding a horse on the moon, detailed, 8k"
 
 
@@ -200,6 +204,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=540.0, help="skip sections that would end after this")
     ap.add_argument("--skip", default="", help="comma-separated section names to skip")
     ap.add_argument("--only", default="", help="comma-separated section names to run (all others skipped)")
+    ap.add_argument("--forms-from", default="", help="step_variants_b8: the gpu_bench.json of an earlier "
+                    "block_variants run on this machine (default: this run's)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
@@ -622,6 +628,23 @@ def main():
             log(row)
             results["sections"]["autotune_b8"] = rows
             save()
+
+    # ---- the repeated units of a batch-8 step alone, eager and compiled in several forms (bench/block_variants.py),
+    # then whole batch-8 steps compiled as fast mode does and with the forms the units chose (opt-in)
+    step_s = 110 if not tiny else 20  # a whole batch-8 network's compile and timing, on the H200 (fast_mode_b8)
+    if section("block_variants", 150 if not tiny else 60):
+        deadline = t_start + args.budget_s - (4 * step_s if "step_variants_b8" in only else 0) - 60
+        record("block_variants", lambda: variants.block_variants(m, step_fns, base, device, log, deadline, timed,
+                                                                 first_call_and_ms, tiny))
+    if section("step_variants_b8", step_s):
+        found = results["sections"].get("block_variants")
+        if found is None and os.path.exists(args.forms_from):
+            with open(args.forms_from) as f:
+                found = json.load(f)["sections"].get("block_variants")
+        record("step_variants_b8", lambda: variants.step_variants(
+            m, step_fns, base, device, log, t_start + args.budget_s - step_s, first_call_and_ms, found["estimated_ms"],
+            tiny)
+            if isinstance(found, dict) else "skipped: no block_variants results (this run's or --forms-from)")
 
     # ---- fast mode's first run when an earlier process compiled the same shapes on this machine (torch's
     # on-disk compile caches): what a user pays at every launch after the first. Meaningful in a second

@@ -1,0 +1,249 @@
+"""Experiment (gpu_bench sections `block_variants` and `step_variants_b8`): where can a batch-8 fast-mode
+step still shrink? The repeated units of a batch-8 step (Stage C's ResBlock+TimestepBlock+AttnBlock, Stage
+B's level 0–2 units, Stage A's decode) are run alone with the inputs they get inside the network, eager
+and compiled in several forms:
+
+- compiled: as fast mode compiles them (compile_model);
+- transposed: the channel MLP computed as [4c, B·HW] (the GRN's spatial norm an inner reduction, fc2
+  reading the map transposed) — the same arithmetic;
+- effnet_cat: Stage B's effnet features concatenated to the first Linear's input (one GEMM with the folded
+  weights appended) instead of a K=16 GEMM plus an accumulating one (which compiles to a copy and a GEMM);
+- coordinate_descent: inductor's coordinate-descent tuning of its Triton kernels (block sizes, warps);
+- max_autotune: mode="max-autotune" (Triton GEMM templates, fused prologues/epilogues where they win).
+
+Each row: compile seconds, ms per call, largest difference from the eager output (relative to its
+largest value), and the units' ms times their count per step: an estimate of each form's step. The
+variant forwards live here, not in the pack: whatever wins is moved into the blocks afterwards.
+"""
+
+import contextlib
+import time
+
+import torch
+import torch.nn.functional as F
+
+from wuerstchen_core.models.common import LN_EPS, ResBlock, ResBlockStageB
+from wuerstchen_core.sizes import stage_b_grid, stage_c_grid
+
+TUNINGS = {"compiled": {}, "coordinate_descent": {"coordinate_descent_tuning": True}, "max_autotune": {}}
+
+
+def recorded_inputs(blocks, run):
+    """The positional arguments each of `blocks` gets while run() runs the network once."""
+    seen = {}
+    hooks = [b.register_forward_pre_hook(lambda _, args, i=i: seen.setdefault(i, args)) for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [seen[i] for i in range(len(blocks))]
+
+
+def chain(blocks, inputs):
+    """The blocks run one after the other on the first one's recorded input, each with its own
+    recorded extra arguments (modulation, text tokens, skip, effnet features)."""
+    x = inputs[0][0]
+    extras = [args[1:] for args in inputs]
+
+    def run():
+        h = x
+        for block, extra in zip(blocks, extras):
+            h = block(h, *extra)
+        return h
+    return run
+
+
+def channel_mlp(channelwise, tokens, batch, weight, bias, extra, transposed):
+    """fc2(GRN(GELU(tokens·weightᵀ + bias [+ extra]))) on [B·N, k] tokens -> [B·N, c]; extra: (e, w) whose
+    e·wᵀ the first Linear accumulates. transposed: the hidden map is [4c, B·N]."""
+    _, gelu, grn, _, fc2 = channelwise
+    if not transposed:
+        u = F.linear(tokens, weight, bias)
+        if extra is not None:
+            u = u.addmm_(extra[0], extra[1].t())
+        return fc2(grn(gelu(u.view(batch, -1, 1, u.shape[-1])))).flatten(0, 2)
+    u = torch.addmm(bias[:, None], weight, tokens.t())  # [4c, B·N]
+    if extra is not None:
+        u = u.addmm_(extra[1], extra[0].t())
+    u = F.gelu(u).view(u.shape[0], batch, -1)  # [4c, B, N]
+    g = torch.linalg.vector_norm(u, dim=-1, keepdim=True)  # [4c, B, 1]: a contiguous reduction
+    d = g.mean(dim=0, keepdim=True) + 1e-6
+    z = torch.addcmul(grn.beta.view(-1, 1, 1), u, torch.addcmul(d, grn.gamma.view(-1, 1, 1), g).div(d))
+    return torch.addmm(fc2.bias, z.view(z.shape[0], -1).t(), fc2.weight.t())
+
+
+def block_forward(self, x, skip=None, effnet=None, *, transposed=False, effnet_cat=False):
+    """ResBlock / ResBlockStageB forward in a variant form (the pack's arithmetic, other GEMM layouts)."""
+    b, c = x.shape[:2]
+    h = F.layer_norm(self.depthwise(x).permute(0, 2, 3, 1), (c,), eps=LN_EPS)  # NHWC
+    if skip is not None:
+        h = torch.cat([h, skip.permute(0, 2, 3, 1)], dim=-1)
+    fc1 = self.channelwise[0]
+    weight, bias, extra = fc1.weight, fc1.bias, None
+    if effnet is not None:
+        e, w_fused, bias = effnet
+        if effnet_cat:
+            h, weight = torch.cat([h, e], dim=-1), self.bench_weight_cat
+        else:
+            extra = (e.reshape(-1, e.shape[-1]), w_fused)
+    out = channel_mlp(self.channelwise, h.reshape(-1, h.shape[-1]), b, weight, bias, extra, transposed)
+    return x + out.view(b, *x.shape[2:], c).permute(0, 3, 1, 2)
+
+
+@contextlib.contextmanager
+def variant(decoder, transposed=False, effnet_cat=False):
+    """The pack's ResBlocks (class-wide) compute in the given form inside the block."""
+    if not (transposed or effnet_cat):
+        yield
+        return
+    originals = {cls: cls.forward for cls in (ResBlock, ResBlockStageB)}
+    folded = [blk for blk in decoder.modules() if isinstance(blk, ResBlockStageB) and blk.effnet_weight is not None]
+    for blk in folded:
+        blk.bench_weight_cat = torch.cat([blk.channelwise[0].weight, blk.effnet_weight], dim=1)
+    ResBlock.forward = lambda self, x: block_forward(self, x, transposed=transposed)
+    ResBlockStageB.forward = lambda self, x, skip=None, effnet=None: block_forward(
+        self, x, skip, effnet, transposed=transposed, effnet_cat=effnet_cat)
+    try:
+        yield
+    finally:
+        for cls, forward in originals.items():
+            cls.forward = forward
+        for blk in folded:
+            del blk.bench_weight_cat
+
+
+def compiled(fn, tuning, cuda):
+    """fn compiled as fast mode does (CUDA graphs on CUDA), or with max-autotune; `tuning`'s inductor
+    options apply while the first call compiles (wrap it in tuned())."""
+    if tuning == "max_autotune":
+        mode = "max-autotune" if cuda else "max-autotune-no-cudagraphs"
+    else:
+        mode = "reduce-overhead" if cuda else "default"
+    return torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
+
+
+def tuned(tuning):
+    import torch._inductor.config as inductor_config
+    return inductor_config.patch(force_disable_caches=True, **TUNINGS[tuning])
+
+
+def units(m, step_fns, base, batch):
+    """(stage, unit, blocks, count per step, inputs) of the repeated units of a batch-`batch` step."""
+    prior, decoder = m["prior"], m["decoder"]
+    fc, fb = step_fns(prior, decoder, base, batch)
+    dc = decoder.cfg
+    out = [("Stage C", "res+film+attn", list(prior.blocks[:3]), prior.cfg.depth, fc)]
+    for level in range(3):  # level 3 (16², 8 units) is left out: its units are the smallest
+        blocks = list(decoder.down_blocks[level])[1 if level else 0:][:len(dc.level_config[level])]
+        out.append(("Stage B", f"level {level} {dc.level_config[level]}", blocks, 2 * dc.blocks[level], fb))
+    return [(stage, name, blocks, count, recorded_inputs(blocks, run)) for stage, name, blocks, count, run in out]
+
+
+def block_variants(m, step_fns, base, device, log, deadline, timed, first_call_and_ms, tiny=False):
+    """The `block_variants` section: a row per unit (every form's compile s, ms and largest difference from
+    eager), Stage A's decode among them, and the estimated step per form. Form by form (cheapest first),
+    so a deadline cuts the slowest forms. timed, first_call_and_ms: the bench's timing helpers. tiny: the
+    CPU dry run, without the two tunings (they tune Triton kernels, which a CPU does not run)."""
+    cuda = device.type == "cuda"
+    forms = ["compiled", "transposed", "effnet_cat"] + ([] if tiny else ["coordinate_descent", "max_autotune"])
+    vqgan = m["vqgan"]
+    latent = torch.randn(8, vqgan.cfg.latent_channels, *stage_b_grid(*stage_c_grid(base, base)), device=device,
+                         dtype=vqgan.out_block[0].weight.dtype)  # a batch-8 Stage B latent
+    cases = []
+    for stage, name, blocks, count, inputs in [*units(m, step_fns, base, 8), ("Stage A", "decode", [vqgan], 1, None)]:
+        run = chain(blocks, inputs) if inputs is not None else (lambda: vqgan.decode(latent))
+        effnet = inputs is not None and any(isinstance(b, ResBlockStageB) and args[2] is not None
+                                            for b, args in zip(blocks, inputs))
+        with torch.no_grad():
+            reference = run().float()
+            row = dict(stage=stage, unit=name, per_step=count, eager_ms=timed(run, device, 10, 2) * 1e3)
+        cases.append((row, run, reference, effnet))
+    for form in forms:
+        for row, run, reference, effnet in cases:
+            if (form == "effnet_cat" and not effnet) or (form == "transposed" and row["stage"] == "Stage A"):
+                row[form] = "n/a"
+                continue
+            if time.perf_counter() > deadline:
+                row[form] = "skipped: budget"
+                continue
+            fn = out = None
+            try:
+                torch._dynamo.reset()
+                tuning = form if form in TUNINGS else "compiled"
+                with variant(m["decoder"], transposed=form == "transposed", effnet_cat=form == "effnet_cat"):
+                    fn = compiled(run, tuning, cuda)
+                    with tuned(tuning):
+                        row[f"{form}_compile_s"], row[f"{form}_ms"] = first_call_and_ms(fn, device)
+                    with torch.no_grad():
+                        out = fn().float()
+                row[f"{form}_rel_diff"] = ((out - reference).abs().max() / reference.abs().max()).item()
+            except Exception as e:  # a form that does not compile is a finding
+                row[form] = f"failed: {type(e).__name__}: {e}"[:300]
+            fn = out = None
+            log({k: v for k, v in row.items() if k.startswith(form) or k in ("stage", "unit")})
+    rows = [case[0] for case in cases]
+    return dict(units=rows, estimated_ms=estimate(rows, forms))
+
+
+def estimate(rows, forms):
+    """Per stage and form: Σ unit ms × units per step (a form that does not apply to a unit costs its
+    compiled ms there); None where a form failed or was skipped in one of the stage's units."""
+    est = {}
+    for row in rows:
+        stage = est.setdefault(row["stage"], {})
+        for form in ["eager"] + forms:
+            ms = row.get(f"{form}_ms", row.get("compiled_ms") if row.get(form) == "n/a" else None)
+            stage[form] = None if ms is None or stage.get(form, 0.0) is None else stage.get(form, 0.0) + ms * row["per_step"]
+    return {stage: {form: None if ms is None else round(ms, 3) for form, ms in by_form.items()}
+            for stage, by_form in est.items()}
+
+
+def chosen_forms(estimated_ms, stage, threshold=0.01):
+    """The forms that beat the compiled one in `stage`'s estimate by more than `threshold`: a layout
+    (transposed), effnet_cat and the faster tuning, as keyword arguments of step_variants."""
+    est = estimated_ms.get(stage, {})
+    base = est.get("compiled")
+    if base is None:
+        return None
+    wins = {form for form, ms in est.items() if ms is not None and ms < base * (1 - threshold)}
+    tunings = sorted((est[t], t) for t in ("coordinate_descent", "max_autotune") if t in wins)
+    return dict(transposed="transposed" in wins, effnet_cat="effnet_cat" in wins,
+                tuning=tunings[0][1] if tunings else "compiled")
+
+
+def step_variants(m, step_fns, base, device, log, deadline, first_call_and_ms, estimated_ms, tiny=False):
+    """The `step_variants_b8` section: whole batch-8 Stage C and B steps compiled as fast mode does and
+    with the forms their units' estimate chose: compile s and ms per step, on the same machine.
+    tiny: the CPU dry run, Stage C only (Stage B runs the same code with a longer CPU compile)."""
+    cuda = device.type == "cuda"
+    rows = []
+    for index, (stage, key) in enumerate((("Stage C", "prior"), ("Stage B", "decoder"))[:1 if tiny else 2]):
+        chosen = chosen_forms(estimated_ms, stage)
+        if chosen is None:
+            rows.append(dict(stage=stage, error="no compiled estimate from block_variants"))
+            continue
+        plain = dict(transposed=False, effnet_cat=False, tuning="compiled")
+        for label, forms in (("compiled", plain), ("chosen", chosen)):
+            if label == "chosen" and forms == plain:
+                break
+            if time.perf_counter() > deadline:
+                rows.append(dict(stage=stage, variant=label, error="skipped: budget"))
+                break
+            row = dict(stage=stage, variant=label, batch=8, **forms)
+            net = step = None
+            try:
+                torch._dynamo.reset()
+                with variant(m["decoder"], transposed=forms["transposed"], effnet_cat=forms["effnet_cat"]):
+                    net = compiled(m[key], forms["tuning"], cuda)
+                    nets = (net, m["decoder"]) if index == 0 else (m["prior"], net)
+                    step = step_fns(*nets, base, 8)[index]
+                    with tuned(forms["tuning"]):
+                        row["compile_s"], row["ms"] = first_call_and_ms(step, device)
+            except Exception as e:
+                row["error"] = f"failed: {type(e).__name__}: {e}"[:300]
+            net = step = None
+            rows.append(row)
+            log(row)
+    return rows

@@ -6,8 +6,9 @@ and compiled in several forms:
 - compiled: as fast mode compiles them (compile_model);
 - transposed: the channel MLP computed as [4c, B·HW] (the GRN's spatial norm an inner reduction, fc2
   reading the map transposed) — the same arithmetic;
-- effnet_cat: Stage B's effnet features concatenated to the first Linear's input (one GEMM with the folded
-  weights appended) instead of a K=16 GEMM plus an accumulating one (which compiles to a copy and a GEMM);
+- effnet_split: Stage B's effnet features through their own K=16 GEMM that an accumulating GEMM of the
+  other inputs adds to (the blocks' form until the sixth session; compiled, the accumulation became a copy
+  and a GEMM), where the blocks concatenate them to the first Linear's input (one GEMM);
 - coordinate_descent: inductor's coordinate-descent tuning of its Triton kernels (block sizes, warps);
 - max_autotune: mode="max-autotune" (Triton GEMM templates, fused prologues/epilogues where they win).
 
@@ -64,54 +65,49 @@ def channel_mlp(channelwise, tokens, batch, weight, bias, extra, transposed):
         if extra is not None:
             u = u.addmm_(extra[0], extra[1].t())
         return fc2(grn(gelu(u.view(batch, -1, 1, u.shape[-1])))).flatten(0, 2)
-    u = torch.addmm(bias[:, None], weight, tokens.t())  # [4c, B·N]
+    u = torch.mm(weight, tokens.t())  # [4c, B·N]; the bias joins the GELU's pass (a row bias has no GEMM epilogue)
     if extra is not None:
         u = u.addmm_(extra[1], extra[0].t())
-    u = F.gelu(u).view(u.shape[0], batch, -1)  # [4c, B, N]
+    u = F.gelu(u + bias[:, None]).view(u.shape[0], batch, -1)  # [4c, B, N]
     g = torch.linalg.vector_norm(u, dim=-1, keepdim=True)  # [4c, B, 1]: a contiguous reduction
     d = g.mean(dim=0, keepdim=True) + 1e-6
     z = torch.addcmul(grn.beta.view(-1, 1, 1), u, torch.addcmul(d, grn.gamma.view(-1, 1, 1), g).div(d))
     return torch.addmm(fc2.bias, z.view(z.shape[0], -1).t(), fc2.weight.t())
 
 
-def block_forward(self, x, skip=None, effnet=None, *, transposed=False, effnet_cat=False):
+def block_forward(self, x, skip=None, effnet=None, *, transposed=False, effnet_split=False):
     """ResBlock / ResBlockStageB forward in a variant form (the pack's arithmetic, other GEMM layouts)."""
     b, c = x.shape[:2]
     h = F.layer_norm(self.depthwise(x).permute(0, 2, 3, 1), (c,), eps=LN_EPS)  # NHWC
     if skip is not None:
         h = torch.cat([h, skip.permute(0, 2, 3, 1)], dim=-1)
     fc1 = self.channelwise[0]
-    weight, bias, extra = fc1.weight, fc1.bias, None
+    weight, extra = fc1.weight, None
     if effnet is not None:
-        e, w_fused, bias = effnet
-        if effnet_cat:
-            h, weight = torch.cat([h, e], dim=-1), self.bench_weight_cat
+        if effnet_split:  # the effnet columns are the weight's last ones (ResBlockStageB.forward)
+            k = h.shape[-1]
+            weight, extra = weight[:, :k], (effnet.reshape(-1, effnet.shape[-1]), weight[:, k:])
         else:
-            extra = (e.reshape(-1, e.shape[-1]), w_fused)
-    out = channel_mlp(self.channelwise, h.reshape(-1, h.shape[-1]), b, weight, bias, extra, transposed)
+            h = torch.cat([h, effnet], dim=-1)
+    out = channel_mlp(self.channelwise, h.reshape(-1, h.shape[-1]), b, weight, fc1.bias, extra, transposed)
     return x + out.view(b, *x.shape[2:], c).permute(0, 3, 1, 2)
 
 
 @contextlib.contextmanager
-def variant(decoder, transposed=False, effnet_cat=False):
+def variant(transposed=False, effnet_split=False):
     """The pack's ResBlocks (class-wide) compute in the given form inside the block."""
-    if not (transposed or effnet_cat):
+    if not (transposed or effnet_split):
         yield
         return
     originals = {cls: cls.forward for cls in (ResBlock, ResBlockStageB)}
-    folded = [blk for blk in decoder.modules() if isinstance(blk, ResBlockStageB) and blk.effnet_weight is not None]
-    for blk in folded:
-        blk.bench_weight_cat = torch.cat([blk.channelwise[0].weight, blk.effnet_weight], dim=1)
     ResBlock.forward = lambda self, x: block_forward(self, x, transposed=transposed)
     ResBlockStageB.forward = lambda self, x, skip=None, effnet=None: block_forward(
-        self, x, skip, effnet, transposed=transposed, effnet_cat=effnet_cat)
+        self, x, skip, effnet, transposed=transposed, effnet_split=effnet_split)
     try:
         yield
     finally:
         for cls, forward in originals.items():
             cls.forward = forward
-        for blk in folded:
-            del blk.bench_weight_cat
 
 
 def compiled(fn, tuning, cuda):
@@ -147,7 +143,7 @@ def block_variants(m, step_fns, base, device, log, deadline, timed, first_call_a
     so a deadline cuts the slowest forms. timed, first_call_and_ms: the bench's timing helpers. tiny: the
     CPU dry run, without the two tunings (they tune Triton kernels, which a CPU does not run)."""
     cuda = device.type == "cuda"
-    forms = ["compiled", "transposed", "effnet_cat"] + ([] if tiny else ["coordinate_descent", "max_autotune"])
+    forms = ["compiled", "transposed", "effnet_split"] + ([] if tiny else ["coordinate_descent", "max_autotune"])
     vqgan = m["vqgan"]
     latent = torch.randn(8, vqgan.cfg.latent_channels, *stage_b_grid(*stage_c_grid(base, base)), device=device,
                          dtype=vqgan.out_block[0].weight.dtype)  # a batch-8 Stage B latent
@@ -162,7 +158,7 @@ def block_variants(m, step_fns, base, device, log, deadline, timed, first_call_a
         cases.append((row, run, reference, effnet))
     for form in forms:
         for row, run, reference, effnet in cases:
-            if (form == "effnet_cat" and not effnet) or (form == "transposed" and row["stage"] == "Stage A"):
+            if (form == "effnet_split" and not effnet) or (form == "transposed" and row["stage"] == "Stage A"):
                 row[form] = "n/a"
                 continue
             if time.perf_counter() > deadline:
@@ -172,7 +168,7 @@ def block_variants(m, step_fns, base, device, log, deadline, timed, first_call_a
             try:
                 torch._dynamo.reset()
                 tuning = form if form in TUNINGS else "compiled"
-                with variant(m["decoder"], transposed=form == "transposed", effnet_cat=form == "effnet_cat"):
+                with variant(transposed=form == "transposed", effnet_split=form == "effnet_split"):
                     fn = compiled(run, tuning, cuda)
                     with tuned(tuning):
                         row[f"{form}_compile_s"], row[f"{form}_ms"] = first_call_and_ms(fn, device)
@@ -202,14 +198,14 @@ def estimate(rows, forms):
 
 def chosen_forms(estimated_ms, stage, threshold=0.01):
     """The forms that beat the compiled one in `stage`'s estimate by more than `threshold`: a layout
-    (transposed), effnet_cat and the faster tuning, as keyword arguments of step_variants."""
+    (transposed), effnet_split and the faster tuning, as keyword arguments of step_variants."""
     est = estimated_ms.get(stage, {})
     base = est.get("compiled")
     if base is None:
         return None
     wins = {form for form, ms in est.items() if ms is not None and ms < base * (1 - threshold)}
     tunings = sorted((est[t], t) for t in ("coordinate_descent", "max_autotune") if t in wins)
-    return dict(transposed="transposed" in wins, effnet_cat="effnet_cat" in wins,
+    return dict(transposed="transposed" in wins, effnet_split="effnet_split" in wins,
                 tuning=tunings[0][1] if tunings else "compiled")
 
 
@@ -224,7 +220,7 @@ def step_variants(m, step_fns, base, device, log, deadline, first_call_and_ms, e
         if chosen is None:
             rows.append(dict(stage=stage, error="no compiled estimate from block_variants"))
             continue
-        plain = dict(transposed=False, effnet_cat=False, tuning="compiled")
+        plain = dict(transposed=False, effnet_split=False, tuning="compiled")
         for label, forms in (("compiled", plain), ("chosen", chosen)):
             if label == "chosen" and forms == plain:
                 break
@@ -235,7 +231,7 @@ def step_variants(m, step_fns, base, device, log, deadline, first_call_and_ms, e
             net = step = None
             try:
                 torch._dynamo.reset()
-                with variant(m["decoder"], transposed=forms["transposed"], effnet_cat=forms["effnet_cat"]):
+                with variant(transposed=forms["transposed"], effnet_split=forms["effnet_split"]):
                     net = compiled(m[key], forms["tuning"], cuda)
                     nets = (net, m["decoder"]) if index == 0 else (m["prior"], net)
                     step = step_fns(*nets, base, 8)[index]

@@ -154,6 +154,7 @@ def main():
         conv = ref.out[1] if ref is ref_prior else ref.clf[1]
         half = conv.bias.shape[0] // 2
         conv.bias[half:] += -4 if ref is ref_prior else 4
+    decoder.fold_effnet()  # the sampling form load_decoder gives (after the bias shift above, which it keeps)
     vqgan, ref_vqgan = pair(PaellaVQGAN, VQGAN, PaellaVQModel, 3, **dataclasses.asdict(VQGAN))
 
     g = torch.Generator().manual_seed(0)

@@ -160,11 +160,12 @@ def test_decoder_forward_matches_reference(cfg, batch, hw, effnet_hw):
     got = ours(x, r, effnet, clip)
     assert got.shape == x.shape
     assert rel_err(got, expected) <= TOL
-    # the sampling form (load_decoder's default): fewer weights, the same float32 arithmetic
+    # the sampling form (load_decoder's default): fewer weights, the same arithmetic up to rounding
     folded = copy.deepcopy(ours).fold_effnet()
     assert sum(p.numel() for p in folded.parameters()) < sum(p.numel() for p in ours.parameters())
-    assert torch.equal(folded(x, r, effnet, clip), got)
-    assert torch.equal(folded.fold_effnet()(x, r, effnet, clip), got)  # folding twice changes nothing
+    got_folded = folded(x, r, effnet, clip)
+    assert rel_err(got_folded, expected) <= TOL
+    assert torch.equal(folded.fold_effnet()(x, r, effnet, clip), got_folded)  # folding twice changes nothing
 
 
 @pytest.mark.parametrize("kind", ["prior", "decoder"])

@@ -143,57 +143,42 @@ class ResBlock(nn.Module):
 
 
 class ResBlockStageB(nn.Module):
-    """Decoder residual block: the skips (U-Net encoder map, then the mapped effnet features) are
+    """Decoder residual block: the skips (U-Net encoder map, then the level's effnet map) are
     concatenated after depthwise conv + LN, so they only enter the first Linear."""
 
     def __init__(self, c, c_skip=0, kernel_size=3):
         super().__init__()
         self.depthwise = nn.Conv2d(c, c, kernel_size, padding=kernel_size // 2, groups=c)
         self.channelwise = channelwise_mlp(c + c_skip, c)
-        self.register_parameter("effnet_weight", None)  # set by fold_effnet
-
-    def effnet_weights(self, mapper: nn.Conv2d, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_eff·M [4c, e], b + W_eff·m): the first Linear's effnet columns W_eff composed with the
-        level's 1×1 effnet mapper (M, m), in `dtype` (fp32 accumulation on GPUs). After fold_effnet
-        they are the block's own weights."""
-        linear = self.channelwise[0]
-        if self.effnet_weight is not None:
-            return self.effnet_weight, linear.bias
-        w_eff = linear.weight[:, -mapper.out_channels:].to(dtype)  # .to: fp8-stored or folding in fp32
-        m, m_bias = mapper.weight.flatten(1).to(dtype), mapper.bias.to(dtype)
-        return w_eff @ m, torch.addmv(linear.bias.to(dtype), w_eff, m_bias)
+        self.effnet_folded = False  # see fold_effnet
 
     def fold_effnet(self, mapper: nn.Conv2d) -> None:
-        """Keep the effnet columns of the first Linear only as their product with the mapper (formed
-        once in float32): the Linear keeps its image/skip columns, its bias becomes b + W_eff·m and
-        effnet_weight holds W_eff·M. At c_eff = 1024 this drops most of the block's first Linear."""
+        """Compose the first Linear's effnet columns W_eff with the level's 1×1 effnet mapper (M, m), once,
+        in float32: the columns become W_eff·M and the bias b + W_eff·m, so the block takes the e-channel
+        effnet features where it took the c_eff-channel mapped map (both maps are linear per pixel, so
+        the arithmetic is the reference's). At c_eff = 1024, e = 16 this drops most of the Linear's input."""
+        if self.effnet_folded:
+            return
         linear = self.channelwise[0]
-        dtype = mapper.weight.dtype  # a conv: never fp8-stored
-        w_fused, bias = self.effnet_weights(mapper, torch.float32)
-        narrow = linear.weight[:, :linear.in_features - mapper.out_channels]
-        linear.weight = nn.Parameter(narrow.contiguous(), requires_grad=False)
-        linear.in_features = narrow.shape[1]
+        keep = linear.in_features - mapper.out_channels
+        w_eff = linear.weight[:, keep:].float()
+        fused = w_eff @ mapper.weight.flatten(1).float()
+        bias = torch.addmv(linear.bias.float(), w_eff, mapper.bias.float())
+        weight = torch.cat([linear.weight[:, :keep], fused.to(linear.weight.dtype)], dim=1)
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        linear.in_features = weight.shape[1]
         linear.bias = nn.Parameter(bias.to(linear.bias.dtype), requires_grad=False)
-        self.effnet_weight = nn.Parameter(w_fused.to(dtype), requires_grad=False)
+        self.effnet_folded = True
 
     def forward(self, x, skip=None, effnet=None):
-        """x, skip: [B,C,H,W] maps. effnet: (features [B,H,W,e] NHWC, *effnet_weights(level mapper)) or None.
-
-        The reference maps the effnet features to c_eff channels and feeds them to the first Linear.
-        Both are linear per pixel, so here the e-channel features go through the product of the two
-        weights instead: e·(W_eff·M)ᵀ + (b + W_eff·m), and the c_eff-wide map is never formed."""
+        """x, skip: [B,C,H,W] maps; effnet: the level's effnet map as NHWC [B,H,W,·] (mapped to c_eff
+        channels, or the raw e-channel features once folded) or None. The maps are concatenated in that
+        order along the channels and go through one Linear."""
         h = F.layer_norm(self.depthwise(x).permute(0, 2, 3, 1), x.shape[1:2], eps=LN_EPS)  # NHWC
-        if skip is not None:
-            h = torch.cat([h, skip.permute(0, 2, 3, 1)], dim=-1)
-        linear, gelu, grn, _, out = self.channelwise
-        if effnet is None:
-            h = linear(h)
-        else:
-            e, w_fused, bias = effnet
-            w = linear.weight[:, : h.shape[-1]].to(h.dtype)  # .to: fp8-stored weights only
-            y = F.linear(e.flatten(0, 2), w_fused, bias).addmm_(h.flatten(0, 2), w.t())
-            h = y.view(*h.shape[:-1], -1)
-        return x + out(grn(gelu(h))).permute(0, 3, 1, 2)
+        extra = ([skip.permute(0, 2, 3, 1)] if skip is not None else []) + ([effnet] if effnet is not None else [])
+        if extra:
+            h = torch.cat([h, *extra], dim=-1)
+        return x + self.channelwise(h).permute(0, 3, 1, 2)
 
 
 class Attention(nn.Module):

@@ -146,16 +146,16 @@ class WuerstchenDecoder(nn.Module):
     def condition(self, effnet, clip, grid) -> list:
         """What the forward derives from the conditioning alone, for a Stage B latent grid (H, W): per
         AttnBlock the [B,T,c_cond] text tokens it attends to, per effnet-injected ResBlock the effnet map
-        resized to its level (NHWC, in the model dtype) with the block's fused weights; one entry per
-        such block in the order the forward visits them. A sampler computes it once per run
-        (forward's `cond`); effnet may be float32 (it is resized in float32)."""
+        resized to its level (NHWC, in the model dtype): through the level's mapper, or not once the block
+        is folded (fold_effnet). One entry per such block in the order the forward visits them. A sampler
+        computes it once per run (forward's `cond`); effnet may be float32 (it is resized in float32)."""
         dtype = self.embedding[1].weight.dtype  # a conv: never fp8-stored
         silu_clip = F.silu(F.layer_norm(self.clip_mapper(clip), (self.cfg.c_cond,), eps=LN_EPS))
         n, resized, out = len(self.down_blocks), {}, []
         for index, level in enumerate([*self.down_blocks, *self.up_blocks]):
             depth = index if index < n else 2 * n - 1 - index
             size = ((grid[0] // self.cfg.patch_size) >> depth, (grid[1] // self.cfg.patch_size) >> depth)
-            mapper = self.effnet_mappers[index]
+            mapper, mapped = self.effnet_mappers[index], None
             if mapper is not None and size not in resized:  # once per size, shared by down and up levels
                 resized[size] = F.interpolate(effnet.float(), size=size, mode="bicubic", antialias=True,
                                               align_corners=True).to(dtype).permute(0, 2, 3, 1).contiguous()
@@ -163,7 +163,9 @@ class WuerstchenDecoder(nn.Module):
                 if isinstance(block, AttnBlock):
                     out.append(block.map_condition(silu_clip))
                 elif isinstance(block, ResBlockStageB) and mapper is not None:
-                    out.append((resized[size], *block.effnet_weights(mapper, dtype)))
+                    if not block.effnet_folded and mapped is None:  # the 1×1 mapper as a Linear on NHWC
+                        mapped = F.linear(resized[size], mapper.weight.flatten(1), mapper.bias)
+                    out.append(resized[size] if block.effnet_folded else mapped)
         return out
 
     @property
@@ -173,14 +175,14 @@ class WuerstchenDecoder(nn.Module):
         return [self.clip_mapper, *(m.kv_mapper[1] for m in self.modules() if isinstance(m, AttnBlock))]
 
     def fold_effnet(self) -> "WuerstchenDecoder":
-        """Inference form (in place, once): every effnet-injected ResBlock keeps its effnet columns only
-        as their product with the level's mapper (ResBlockStageB.fold_effnet): the public decoder's
-        weights shrink by 0.38 GiB in fp16 (210 M of its 1055 M parameters). The state dict then no longer
-        has the checkpoint layout, so this is for sampling, not for saving or comparing weights."""
+        """Inference form (in place, once): every effnet-injected ResBlock composes its effnet columns with
+        the level's mapper (ResBlockStageB.fold_effnet): the public decoder's weights shrink by 0.38 GiB in
+        fp16 (210 M of its 1055 M parameters). The state dict then no longer has the checkpoint layout, so
+        this is for sampling, not for saving or comparing weights."""
         for index, level in enumerate([*self.down_blocks, *self.up_blocks]):
             if (mapper := self.effnet_mappers[index]) is not None:
                 for block in level:
-                    if isinstance(block, ResBlockStageB) and block.effnet_weight is None:
+                    if isinstance(block, ResBlockStageB):
                         block.fold_effnet(mapper)
         return self
 

@@ -27,6 +27,7 @@ from wuerstchen_core.models.common import LN_EPS, ResBlock, ResBlockStageB
 from wuerstchen_core.sizes import stage_b_grid, stage_c_grid
 
 TUNINGS = {"compiled": {}, "coordinate_descent": {"coordinate_descent_tuning": True}, "max_autotune": {}}
+LAYOUTS = ("transposed", "effnet_split")  # the forms that change the blocks' code: timed eager too
 
 
 def recorded_inputs(blocks, run):
@@ -169,6 +170,9 @@ def block_variants(m, step_fns, base, device, log, deadline, timed, first_call_a
                 torch._dynamo.reset()
                 tuning = form if form in TUNINGS else "compiled"
                 with variant(transposed=form == "transposed", effnet_split=form == "effnet_split"):
+                    if form in LAYOUTS:
+                        with torch.no_grad():
+                            row[f"{form}_eager_ms"] = timed(run, device, 10, 2) * 1e3
                     fn = compiled(run, tuning, cuda)
                     with tuned(tuning):
                         row[f"{form}_compile_s"], row[f"{form}_ms"] = first_call_and_ms(fn, device)
@@ -185,12 +189,14 @@ def block_variants(m, step_fns, base, device, log, deadline, timed, first_call_a
 
 def estimate(rows, forms):
     """Per stage and form: Σ unit ms × units per step (a form that does not apply to a unit costs its
-    compiled ms there); None where a form failed or was skipped in one of the stage's units."""
+    compiled, or for `<form>_eager` its eager, ms there); None where a form failed or was skipped in one
+    of the stage's units."""
     est = {}
     for row in rows:
         stage = est.setdefault(row["stage"], {})
-        for form in ["eager"] + forms:
-            ms = row.get(f"{form}_ms", row.get("compiled_ms") if row.get(form) == "n/a" else None)
+        for form in ["eager", *forms, *(f"{f}_eager" for f in LAYOUTS if f in forms)]:
+            fallback = row.get("eager_ms" if form.endswith("_eager") else "compiled_ms")
+            ms = row.get(f"{form}_ms", fallback if row.get(form.removesuffix("_eager")) == "n/a" else None)
             stage[form] = None if ms is None or stage.get(form, 0.0) is None else stage.get(form, 0.0) + ms * row["per_step"]
     return {stage: {form: None if ms is None else round(ms, 3) for form, ms in by_form.items()}
             for stage, by_form in est.items()}

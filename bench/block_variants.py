@@ -197,7 +197,8 @@ def estimate(rows, forms):
         for form in ["eager", *forms, *(f"{f}_eager" for f in LAYOUTS if f in forms)]:
             fallback = row.get("eager_ms" if form.endswith("_eager") else "compiled_ms")
             ms = row.get(f"{form}_ms", fallback if row.get(form.removesuffix("_eager")) == "n/a" else None)
-            stage[form] = None if ms is None or stage.get(form, 0.0) is None else stage.get(form, 0.0) + ms * row["per_step"]
+            total = stage.get(form, 0.0)
+            stage[form] = None if ms is None or total is None else total + ms * row["per_step"]
     return {stage: {form: None if ms is None else round(ms, 3) for form, ms in by_form.items()}
             for stage, by_form in est.items()}
 

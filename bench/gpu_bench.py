@@ -49,7 +49,8 @@ from wuerstchen_core.schedule import stage_c_preset  # noqa: E402
 from wuerstchen_core.text import TextEncoder, load_tokenizer  # noqa: E402
 
 GiB = 2**30
-OPT_IN = ("grn_layout", "autotune_b8", "warm_compile", "regional_compile", "block_variants", "step_variants_b8")  # experiments: run only when named in --only
+# experiments: run only when named in --only
+OPT_IN = ("grn_layout", "autotune_b8", "warm_compile", "regional_compile", "block_variants", "step_variants_b8")
 PROMPT = "an astronaut riding a horse on the moon, detailed, 8k"
 
 

@@ -9,6 +9,8 @@ and compiled in several forms:
 - effnet_split: Stage B's effnet features through their own K=16 GEMM that an accumulating GEMM of the
   other inputs adds to (the blocks' form until the sixth session; compiled, the accumulation became a copy
   and a GEMM), where the blocks concatenate them to the first Linear's input (one GEMM);
+- stencil_dw: the depthwise 3×3 conv written as nine shifted multiply-adds, which inductor can fuse with
+  the bias and the LayerNorm after it into one kernel (cuDNN's conv writes its map, the LN reads it back);
 - coordinate_descent: inductor's coordinate-descent tuning of its Triton kernels (block sizes, warps);
 - max_autotune: mode="max-autotune" (Triton GEMM templates, fused prologues/epilogues where they win).
 
@@ -27,7 +29,7 @@ from wuerstchen_core.models.common import LN_EPS, ResBlock, ResBlockStageB
 from wuerstchen_core.sizes import stage_b_grid, stage_c_grid
 
 TUNINGS = {"compiled": {}, "coordinate_descent": {"coordinate_descent_tuning": True}, "max_autotune": {}}
-LAYOUTS = ("transposed", "effnet_split")  # the forms that change the blocks' code: timed eager too
+LAYOUTS = ("transposed", "effnet_split", "stencil_dw")  # the forms that change the blocks' code: timed eager too
 
 
 def recorded_inputs(blocks, run):
@@ -76,10 +78,22 @@ def channel_mlp(channelwise, tokens, batch, weight, bias, extra, transposed):
     return torch.addmm(fc2.bias, z.view(z.shape[0], -1).t(), fc2.weight.t())
 
 
-def block_forward(self, x, skip=None, effnet=None, *, transposed=False, effnet_split=False):
-    """ResBlock / ResBlockStageB forward in a variant form (the pack's arithmetic, other GEMM layouts)."""
+def stencil_depthwise(conv, x):
+    """conv(x) for a depthwise k×k Conv2d with zero padding k//2, as k² shifted multiply-adds."""
+    k, (h, w) = conv.kernel_size[0], x.shape[-2:]
+    padded = F.pad(x, (k // 2,) * 4)
+    out = conv.bias.view(1, -1, 1, 1)
+    for i in range(k):
+        for j in range(k):
+            out = out + padded[:, :, i:i + h, j:j + w] * conv.weight[:, 0, i, j].view(1, -1, 1, 1)
+    return out
+
+
+def block_forward(self, x, skip=None, effnet=None, *, transposed=False, effnet_split=False, stencil_dw=False):
+    """ResBlock / ResBlockStageB forward in a variant form (the pack's arithmetic, other kernels)."""
     b, c = x.shape[:2]
-    h = F.layer_norm(self.depthwise(x).permute(0, 2, 3, 1), (c,), eps=LN_EPS)  # NHWC
+    mixed = stencil_depthwise(self.depthwise, x) if stencil_dw else self.depthwise(x)
+    h = F.layer_norm(mixed.permute(0, 2, 3, 1), (c,), eps=LN_EPS)  # NHWC
     if skip is not None:
         h = torch.cat([h, skip.permute(0, 2, 3, 1)], dim=-1)
     fc1 = self.channelwise[0]
@@ -95,15 +109,14 @@ def block_forward(self, x, skip=None, effnet=None, *, transposed=False, effnet_s
 
 
 @contextlib.contextmanager
-def variant(transposed=False, effnet_split=False):
-    """The pack's ResBlocks (class-wide) compute in the given form inside the block."""
-    if not (transposed or effnet_split):
+def variant(**flags):
+    """The pack's ResBlocks (class-wide) compute in the form the LAYOUTS `flags` that are true give."""
+    if not any(flags.values()):
         yield
         return
     originals = {cls: cls.forward for cls in (ResBlock, ResBlockStageB)}
-    ResBlock.forward = lambda self, x: block_forward(self, x, transposed=transposed)
-    ResBlockStageB.forward = lambda self, x, skip=None, effnet=None: block_forward(
-        self, x, skip, effnet, transposed=transposed, effnet_split=effnet_split)
+    ResBlock.forward = lambda self, x: block_forward(self, x, **flags)
+    ResBlockStageB.forward = lambda self, x, skip=None, effnet=None: block_forward(self, x, skip, effnet, **flags)
     try:
         yield
     finally:
@@ -144,7 +157,7 @@ def block_variants(m, step_fns, base, device, log, deadline, timed, first_call_a
     so a deadline cuts the slowest forms. timed, first_call_and_ms: the bench's timing helpers. tiny: the
     CPU dry run, without the two tunings (they tune Triton kernels, which a CPU does not run)."""
     cuda = device.type == "cuda"
-    forms = ["compiled", "transposed", "effnet_split"] + ([] if tiny else ["coordinate_descent", "max_autotune"])
+    forms = ["compiled", *LAYOUTS] + ([] if tiny else ["coordinate_descent", "max_autotune"])
     vqgan = m["vqgan"]
     latent = torch.randn(8, vqgan.cfg.latent_channels, *stage_b_grid(*stage_c_grid(base, base)), device=device,
                          dtype=vqgan.out_block[0].weight.dtype)  # a batch-8 Stage B latent
@@ -159,7 +172,7 @@ def block_variants(m, step_fns, base, device, log, deadline, timed, first_call_a
         cases.append((row, run, reference, effnet))
     for form in forms:
         for row, run, reference, effnet in cases:
-            if (form == "effnet_split" and not effnet) or (form == "transposed" and row["stage"] == "Stage A"):
+            if (form == "effnet_split" and not effnet) or (form in LAYOUTS and row["stage"] == "Stage A"):
                 row[form] = "n/a"
                 continue
             if time.perf_counter() > deadline:
@@ -169,7 +182,7 @@ def block_variants(m, step_fns, base, device, log, deadline, timed, first_call_a
             try:
                 torch._dynamo.reset()
                 tuning = form if form in TUNINGS else "compiled"
-                with variant(transposed=form == "transposed", effnet_split=form == "effnet_split"):
+                with variant(**{layout: form == layout for layout in LAYOUTS}):
                     if form in LAYOUTS:
                         with torch.no_grad():
                             row[f"{form}_eager_ms"] = timed(run, device, 10, 2) * 1e3
@@ -204,16 +217,15 @@ def estimate(rows, forms):
 
 
 def chosen_forms(estimated_ms, stage, threshold=0.01):
-    """The forms that beat the compiled one in `stage`'s estimate by more than `threshold`: a layout
-    (transposed), effnet_split and the faster tuning, as keyword arguments of step_variants."""
+    """The forms that beat the compiled one in `stage`'s estimate by more than `threshold`: each of
+    LAYOUTS (true or false) and the faster tuning, as step_variants takes them."""
     est = estimated_ms.get(stage, {})
     base = est.get("compiled")
     if base is None:
         return None
     wins = {form for form, ms in est.items() if ms is not None and ms < base * (1 - threshold)}
     tunings = sorted((est[t], t) for t in ("coordinate_descent", "max_autotune") if t in wins)
-    return dict(transposed="transposed" in wins, effnet_split="effnet_split" in wins,
-                tuning=tunings[0][1] if tunings else "compiled")
+    return {**{layout: layout in wins for layout in LAYOUTS}, "tuning": tunings[0][1] if tunings else "compiled"}
 
 
 def step_variants(m, step_fns, base, device, log, deadline, first_call_and_ms, estimated_ms, tiny=False):
@@ -227,7 +239,7 @@ def step_variants(m, step_fns, base, device, log, deadline, first_call_and_ms, e
         if chosen is None:
             rows.append(dict(stage=stage, error="no compiled estimate from block_variants"))
             continue
-        plain = dict(transposed=False, effnet_split=False, tuning="compiled")
+        plain = {**{layout: False for layout in LAYOUTS}, "tuning": "compiled"}
         for label, forms in (("compiled", plain), ("chosen", chosen)):
             if label == "chosen" and forms == plain:
                 break
@@ -238,7 +250,7 @@ def step_variants(m, step_fns, base, device, log, deadline, first_call_and_ms, e
             net = step = None
             try:
                 torch._dynamo.reset()
-                with variant(transposed=forms["transposed"], effnet_split=forms["effnet_split"]):
+                with variant(**{layout: forms[layout] for layout in LAYOUTS}):
                     net = compiled(m[key], forms["tuning"], cuda)
                     nets = (net, m["decoder"]) if index == 0 else (m["prior"], net)
                     step = step_fns(*nets, base, 8)[index]

@@ -43,7 +43,7 @@ def test_gpu_bench_tiny_dry_run(tmp_path):
     units = sections["block_variants"]["units"]
     assert [row["stage"] for row in units] == ["Stage C"] + ["Stage B"] * 3 + ["Stage A"]
     # every form ran (or does not apply) and computes what the blocks compute
-    forms = ("compiled", "transposed", "effnet_split")
+    forms = ("compiled", "transposed", "effnet_split", "stencil_dw")
     assert all(f"{form}_ms" in row or row.get(form) == "n/a" for row in units for form in forms)
     assert all(row[f"{form}_rel_diff"] < 1e-5 for row in units for form in forms if f"{form}_rel_diff" in row)
     assert all(ms > 0 for stage in sections["block_variants"]["estimated_ms"].values() for ms in stage.values())

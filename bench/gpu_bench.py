@@ -23,10 +23,10 @@ diffusers is needed only for the "diffusers" rows (test-only reference).
 """
 
 import argparse
-import importlib.metadata
 import contextlib
 import dataclasses
 import gc
+import importlib.metadata
 import json
 import os
 import statistics
@@ -50,7 +50,8 @@ from wuerstchen_core.text import TextEncoder, load_tokenizer  # noqa: E402
 
 GiB = 2**30
 # experiments: run only when named in --only
-OPT_IN = ("grn_layout", "autotune_b8", "warm_compile", "regional_compile", "block_variants", "step_variants_b8")
+OPT_IN = ("grn_layout", "autotune_b8", "warm_compile", "regional_compile", "block_variants", "step_variants_b8",
+          "fast_mode_b8_fp8")
 PROMPT = "an astronaut riding a horse on the moon, detailed, 8k"
 
 
@@ -205,8 +206,12 @@ def main():
     ap.add_argument("--budget-s", type=float, default=540.0, help="skip sections that would end after this")
     ap.add_argument("--skip", default="", help="comma-separated section names to skip")
     ap.add_argument("--only", default="", help="comma-separated section names to run (all others skipped)")
-    ap.add_argument("--forms-from", default="", help="step_variants_b8: the gpu_bench.json of an earlier "
-                    "block_variants run on this machine (default: this run's)")
+    ap.add_argument("--forms-from", default="", help="step_variants_b8 / --chosen-forms: the gpu_bench.json "
+                    "of an earlier block_variants run on this machine (default: this run's)")
+    ap.add_argument("--forms", default=",".join(variants.FORMS), help="block_variants: the forms to time, in "
+                    "this order (the first must be 'compiled')")
+    ap.add_argument("--chosen-forms", action="store_true", help="fast_mode_b8: the ResBlocks in the forms "
+                    "block_variants chose per stage (this run's or --forms-from)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
@@ -485,11 +490,29 @@ def main():
             m, prior=store_linear_weights_in_fp8(build(WuerstchenPrior, pc, device, dtype, 1)),
             decoder=store_linear_weights_in_fp8(build(WuerstchenDecoder, dc, device, dtype, 2).fold_effnet())))
 
-    # ---- fast mode (compiled, CUDA graphs)
+    # ---- the repeated units of a batch-8 step alone, eager and compiled in several forms (bench/block_variants.py),
+    # then whole batch-8 steps compiled as fast mode does and with the forms the units chose (opt-in)
+    step_s = 110 if not tiny else 20  # a whole batch-8 network's compile and timing, on the H200 (fast_mode_b8)
+    if section("block_variants", 150 if not tiny else 60):
+        reserved = (4 * step_s if "step_variants_b8" in only else 0) + (150 if "fast_mode_b8" in only else 0)
+        deadline = t_start + args.budget_s - reserved - 60
+        record("block_variants", lambda: variants.block_variants(
+            m, step_fns, base, device, log, deadline, timed, first_call_and_ms, args.forms.split(","), tiny))
+    found = results["sections"].get("block_variants")
+    if found is None and os.path.exists(args.forms_from):
+        with open(args.forms_from) as f:
+            found = json.load(f)["sections"].get("block_variants")
+    if section("step_variants_b8", step_s):
+        record("step_variants_b8", lambda: variants.step_variants(
+            m, step_fns, base, device, log, t_start + args.budget_s - step_s, first_call_and_ms, found["estimated_ms"],
+            tiny)
+            if isinstance(found, dict) else "skipped: no block_variants results (this run's or --forms-from)")
+
+    # ---- fast mode (compiled, CUDA graphs); batch 8 is its own section (`--only fast_mode_b8` skips batch 1's compile)
+    fast = dict(m, prior=compile_model(m["prior"], device.type == "cuda"),
+                decoder=compile_model(m["decoder"], device.type == "cuda"))
     if section("fast_mode", 170 if not tiny else 60):
         t0 = time.perf_counter()
-        fast = dict(m, prior=compile_model(m["prior"], device.type == "cuda"),
-                    decoder=compile_model(m["decoder"], device.type == "cuda"))
         ours_generate(fast, base, 1)
         compile_s = time.perf_counter() - t0
         t = timed(lambda: ours_generate(fast, base, 1), device, 3, 1)
@@ -501,22 +524,65 @@ def main():
         results["sections"]["fast_mode"] = [row]
         log(row)
         save()
-        if section("fast_mode_b8", 130 if not tiny else 60):
+    if section("fast_mode_b8", 130 if not tiny else 60):
+        chosen = None
+        if args.chosen_forms:  # use it with --only (a batch-1 fast_mode before would have compiled the pack's form)
+            estimates = found.get("estimated_ms", {}) if isinstance(found, dict) else {}
+            chosen = {stage: variants.layout_flags(variants.chosen_forms(estimates, stage))
+                      for stage in ("Stage C", "Stage B")}
+            log("fast_mode_b8 with the ResBlock forms block_variants chose:", chosen)
+        with variants.variant(*chosen.values()) if chosen else contextlib.nullcontext():
             t0 = time.perf_counter()
             ours_generate(fast, base, 8)
             compile_s = time.perf_counter() - t0
             t = timed(lambda: ours_generate(fast, base, 8), device, 2, 0)
             stages = {}
             staged_generate(fast, base, low_vram=False, stats=stages, batch=8)
-            row = dict(size=base, batch=8, s_per_image=t / 8, first_run_compile_s=compile_s, stages=stages)
+            row = dict(size=base, batch=8, s_per_image=t / 8, first_run_compile_s=compile_s, stages=stages,
+                       resblock_forms=chosen)
             try:  # the kernels of the whole batch (compiled and graph-replayed: no operator launches them)
                 row["kernels"] = op_breakdown(lambda: ours_generate(fast, base, 8), device, top=30, reps=1,
                                               kernels=True)
             except Exception as e:
                 row["kernels"] = failed(e)
-            results["sections"]["fast_mode"].append(row)
-            log(row)
-            save()
+        results["sections"].setdefault("fast_mode", []).append(row)
+        log(row)
+        save()
+    fast = None
+
+    # ---- batch 8 with the Stage B/C Linears multiplied in fp8 (fp8_e4m3fn_fast; lossy, opt-in): fresh fp8 copies
+    # of the same weights, eager and in fast mode, and how far one batch-8 step's features are from the fp16 pack's
+    if section("fast_mode_b8_fp8", 170 if not tiny else 60):
+        fp8 = dict(m, prior=store_linear_weights_in_fp8(build(WuerstchenPrior, pc, device, dtype, 1), matmul=True),
+                   decoder=store_linear_weights_in_fp8(build(WuerstchenDecoder, dc, device, dtype, 2).fold_effnet(),
+                                                       matmul=True))
+        def features(models):  # the networks' output heads are zero here (random_init_), so compare what they get
+            torch.manual_seed(0)  # the same step inputs for both
+            fc, fb = step_fns(models["prior"], models["decoder"], base, 8)
+            return [variants.recorded_inputs([head], step)[0][0].float()
+                    for head, step in ((models["prior"].out, fc), (models["decoder"].clf, fb))]
+
+        (c16, b16), (c8, b8) = features(m), features(fp8)
+        row = dict(size=base, batch=8, eager_s_per_image=timed(lambda: ours_generate(fp8, base, 8), device, 1, 0) / 8,
+                   stage_c_features_rel_diff_vs_fp16=((c8 - c16).abs().max() / c16.abs().max()).item(),
+                   stage_b_features_rel_diff_vs_fp16=((b8 - b16).abs().max() / b16.abs().max()).item())
+        c16 = c8 = b16 = b8 = None
+        fast = dict(fp8, prior=compile_model(fp8["prior"], device.type == "cuda"),
+                    decoder=compile_model(fp8["decoder"], device.type == "cuda"))
+        try:
+            t0 = time.perf_counter()
+            ours_generate(fast, base, 8)
+            row["first_run_compile_s"] = time.perf_counter() - t0
+            row["s_per_image"] = timed(lambda: ours_generate(fast, base, 8), device, 2, 0) / 8
+            row["stages"] = {}
+            staged_generate(fast, base, low_vram=False, stats=row["stages"], batch=8)
+        except Exception as e:  # an fp8 matmul the compiler or the GPU refuses is a finding
+            row["fast_mode"] = failed(e)
+        results["sections"]["fast_mode_b8_fp8"] = row
+        log(row)
+        fast = fp8 = None
+        free(device)
+        save()
 
     # ---- where a batch-8 step's device time goes, by operator (the batch-8 fast target is compute- and
     # memory-bound, so the question is which kernels, not how many)
@@ -629,23 +695,6 @@ def main():
             log(row)
             results["sections"]["autotune_b8"] = rows
             save()
-
-    # ---- the repeated units of a batch-8 step alone, eager and compiled in several forms (bench/block_variants.py),
-    # then whole batch-8 steps compiled as fast mode does and with the forms the units chose (opt-in)
-    step_s = 110 if not tiny else 20  # a whole batch-8 network's compile and timing, on the H200 (fast_mode_b8)
-    if section("block_variants", 150 if not tiny else 60):
-        deadline = t_start + args.budget_s - (4 * step_s if "step_variants_b8" in only else 0) - 60
-        record("block_variants", lambda: variants.block_variants(m, step_fns, base, device, log, deadline, timed,
-                                                                 first_call_and_ms, tiny))
-    if section("step_variants_b8", step_s):
-        found = results["sections"].get("block_variants")
-        if found is None and os.path.exists(args.forms_from):
-            with open(args.forms_from) as f:
-                found = json.load(f)["sections"].get("block_variants")
-        record("step_variants_b8", lambda: variants.step_variants(
-            m, step_fns, base, device, log, t_start + args.budget_s - step_s, first_call_and_ms, found["estimated_ms"],
-            tiny)
-            if isinstance(found, dict) else "skipped: no block_variants results (this run's or --forms-from)")
 
     # ---- fast mode's first run when an earlier process compiled the same shapes on this machine (torch's
     # on-disk compile caches): what a user pays at every launch after the first. Meaningful in a second

@@ -7,6 +7,7 @@ from .spec import DECODER, EFFNET, PRIOR, TEXT_ENCODER, VQGAN, Input, NodeSpec, 
 
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 FP8 = "fp8_e4m3fn"  # Stage B/C only: Linear weights stored in float8, computed in the auto dtype
+FP8_FAST = "fp8_e4m3fn_fast"  # ... and multiplied in float8 (ComfyUI's name for it)
 TOWERS = {"bigG (Stage C)": "bigG", "H (Stage B)": "H"}
 
 _CORE_LOADERS = {"prior": loading.load_prior, "decoder": loading.load_decoder,
@@ -20,8 +21,9 @@ def _names(kind):
 def _dtype_input(fp8=False):
     return Input("weight_dtype", "COMBO", "Storage dtype of the weights; auto picks what the device supports "
                  "(fp32 on CPU, bf16 or fp16 on GPUs)." + (f" {FP8} stores the Linear weights in float8 (half "
-                 "the memory of fp16) and computes in the auto dtype." if fp8 else ""),
-                 default="auto", options=DTYPES + ((FP8,) if fp8 else ()))
+                 f"the memory of fp16) and computes in the auto dtype; {FP8_FAST} also multiplies them in float8 "
+                 "(faster on Hopper GPUs, lossy)." if fp8 else ""),
+                 default="auto", options=DTYPES + ((FP8, FP8_FAST) if fp8 else ()))
 
 
 def _loader(kind, what, out_type, folders):
@@ -29,10 +31,10 @@ def _loader(kind, what, out_type, folders):
 
     def execute(host, model_name, weight_dtype):
         path = host.resolve_model(kind, model_name, what)
-        choice = "auto" if weight_dtype == FP8 else weight_dtype
+        choice = "auto" if weight_dtype in (FP8, FP8_FAST) else weight_dtype
         module = _CORE_LOADERS[kind](path, dtype=host.weight_dtype(kind, choice))
-        if weight_dtype == FP8:
-            store_linear_weights_in_fp8(module)
+        if weight_dtype in (FP8, FP8_FAST):
+            store_linear_weights_in_fp8(module, matmul=weight_dtype == FP8_FAST)
         return (host.wrap(kind, module, module, model_name),)
 
     return NodeSpec(

@@ -173,7 +173,7 @@ def test_convert_subcommand(capsys, repos, tmp_path):
     assert "--overwrite" in err
 
 
-@pytest.mark.parametrize("flag", ["--low-vram", "--fp8"])
+@pytest.mark.parametrize("flag", ["--low-vram", "--fp8", "--fp8-fast"])
 def test_low_vram_and_fp8_write_a_valid_png(capsys, repos, tmp_path, flag):
     out = tmp_path / f"{flag[2:]}.png"
     code, stdout, err = _main(capsys, "generate", "--prior", str(repos[0]), "--decoder", str(repos[1]),
@@ -184,7 +184,8 @@ def test_low_vram_and_fp8_write_a_valid_png(capsys, repos, tmp_path, flag):
     assert stdout.split() == [str(out)]
     image = Image.open(out)
     assert image.size == (256, 384) and image.mode == "RGB"
-    assert json.loads(image.text["wuerstchen"])["fp8"] is (flag == "--fp8")
+    settings = json.loads(image.text["wuerstchen"])
+    assert (settings["fp8"], settings["fp8_fast"]) == (flag == "--fp8", flag == "--fp8-fast")
     assert len(set(image.getdata())) > 1  # a picture, not one flat colour from NaNs
 
 

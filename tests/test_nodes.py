@@ -154,13 +154,15 @@ def test_loader_outputs_and_dtypes(host, m):
         loaders.LOAD_PRIOR.node_id, loaders.LOAD_DECODER.node_id}  # fp8 storage only for the Stage B/C Linears
 
 
-def test_fp8_loaders_store_linear_weights_in_float8_and_sample(host, m):
-    fp8 = {kind: spec.execute(host, FILES[kind], loaders.FP8)[0]
+@pytest.mark.parametrize("option", [loaders.FP8, loaders.FP8_FAST])
+def test_fp8_loaders_store_linear_weights_in_float8_and_sample(host, m, option):
+    fp8 = {kind: spec.execute(host, FILES[kind], option)[0]
            for kind, spec in (("prior", loaders.LOAD_PRIOR), ("decoder", loaders.LOAD_DECODER))}
     for loaded in fp8.values():
         assert loaded.dtype == torch.float32  # the compute dtype (auto: fp32 on CPU), not the storage dtype
         linears = [mod for mod in loaded.module.modules() if isinstance(mod, torch.nn.Linear)]
         assert linears and all(mod.weight.dtype == torch.float8_e4m3fn for mod in linears)
+        assert all(mod.fp8_matmul is (option == loaders.FP8_FAST) for mod in linears)
     c = _stage_c(host, m | fp8, _empty(host))
     b = _stage_b(host, m | fp8, c)
     assert c["samples"].shape == (1, 16, 6, 6) and torch.isfinite(c["samples"]).all()

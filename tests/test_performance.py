@@ -412,3 +412,70 @@ def test_graphed_network_is_eager_on_the_cpu_without_the_stand_in():
         cond = prior.condition(clip)
         assert torch.equal(graphed(x, r, cond=cond), prior(x, r, cond=cond))
     assert not graphed._graphs
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8 matmul (fp8_e4m3fn_fast)
+
+
+def _emulated_fp8_linear(x, weight, bias):
+    """fp8_linear's arithmetic spelled out in float32: per-row scale to 448, e4m3 rounding, rescale."""
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp_min(torch.finfo(torch.float32).tiny) / 448
+    q = (x.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    return ((q @ weight.float().t()) * scale).to(torch.bfloat16).to(x.dtype) + bias
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_matmul_scales_each_row_into_e4m3_and_rescales_the_product(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 64, generator=g) * torch.logspace(-3, 3, 40)[:, None]  # rows from 1e-3 to 1e3
+    x[3] = 0
+    x = x.to(dtype)
+    weight = (torch.randn(48, 64, generator=g) * 0.05).to(torch.float8_e4m3fn)
+    bias = torch.randn(48, generator=g).to(dtype)
+    out = performance.fp8_linear(x, weight, bias)
+    assert out.dtype == dtype and out.shape == (40, 48)
+    torch.testing.assert_close(out, _emulated_fp8_linear(x, weight, bias), rtol=1e-2, atol=1e-2)
+    assert torch.equal(out[3], bias)  # an all-zero row: the bias alone, not NaN
+    exact = x.float() @ weight.float().t() + bias.float()
+    err = (out.float() - exact).abs().amax(dim=1) / exact.abs().amax(dim=1)
+    assert err.max() < 0.08  # each row keeps e4m3's relative precision at its own magnitude
+
+
+def test_fp8_fast_linears_multiply_in_fp8_where_their_sizes_allow(monkeypatch):
+    calls = []
+    scaled_mm = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(a[0].shape) or scaled_mm(*a, **k))
+    prior = tiny_prior()
+    args = prior_inputs(prior)
+    with torch.no_grad():
+        stored = store_linear_weights_in_fp8(tiny_prior())(*args)
+        assert calls == []  # fp8 storage alone multiplies in the compute dtype
+        store_linear_weights_in_fp8(prior, matmul=True)
+        fast = prior(*args)
+    linears = [m for m in prior.modules() if type(m) is Fp8Linear]
+    eligible = [m for m in linears if m.in_features % 16 == 0 and m.out_features % 16 == 0]
+    assert all(m.fp8_matmul for m in linears) and 0 < len(eligible) < len(linears)
+    assert len(calls) >= len(eligible)  # every eligible Linear ran as an fp8 matmul (some run twice per step)
+    assert torch.isfinite(fast).all() and not torch.equal(fast, stored)
+    store_linear_weights_in_fp8(prior)  # back to storage only: no fp8 matmul
+    calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(prior(*args), stored, rtol=0, atol=0)
+    assert calls == []
+
+
+def test_fp8_fast_compiles():
+    linear = store_linear_weights_in_fp8(torch.nn.Sequential(torch.nn.Linear(64, 32)), matmul=True)
+    x = torch.randn(2, 10, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager, compiled = linear(x), performance.compile_model(linear, cuda_graphs=False)(x)
+    assert (compiled - eager).abs().max() <= 0.07 * eager.abs().max()  # e4m3 rounding may differ by a step
+
+
+def test_fp8_matmul_on_a_gpu_older_than_hopper_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3070")
+    with pytest.raises(WuerstchenError, match="RTX 3070.*compute capability 9.0.*fp8_e4m3fn"):
+        performance.check_fp8_matmul_device(torch.device("cuda", 0))
+    performance.check_fp8_matmul_device(torch.device("cpu"))

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp8", action="store_true",
                    help="store the Stage B/C Linear weights in float8 (about half the memory of fp16); "
                         "they compute in --dtype")
+    g.add_argument("--fp8-fast", action="store_true",
+                   help="as --fp8, and multiply them in float8 too (inputs scaled per row; lossy): fp8 tensor "
+                        "cores, Hopper GPUs or the CPU")
     g.add_argument("--output", default="wuerstchen.png", help="PNG file; batches write FILE_00.png, FILE_01.png, ...")
 
     c = sub.add_parser("convert", help="any supported checkpoint -> compact .safetensors per component")
@@ -207,8 +210,8 @@ def generate(args) -> int:
     prior = loading.load_prior(args.prior, dtype, home)
     decoder = loading.load_decoder(args.decoder, dtype, home)
     vqgan = loading.load_vqgan(vqgan_path, dtype, home)
-    if args.fp8:
-        prior, decoder = map(performance.store_linear_weights_in_fp8, (prior, decoder))
+    if args.fp8 or args.fp8_fast:
+        prior, decoder = (performance.store_linear_weights_in_fp8(m, matmul=args.fp8_fast) for m in (prior, decoder))
     if args.fast:  # CUDA graphs keep weight addresses: not with --low-vram, which re-uploads every image
         graphs = device == "cuda" and not args.low_vram
         prior, decoder = (performance.compile_model(m, cuda_graphs=graphs) for m in (prior, decoder))
@@ -218,7 +221,7 @@ def generate(args) -> int:
     decoder_seed = seed if args.decoder_seed is None else args.decoder_seed
     settings = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "width", "height", "prior_steps",
                                               "prior_cfg", "decoder_steps", "decoder_cfg", "sampler", "denoise",
-                                              "fp8")}
+                                              "fp8", "fp8_fast")}
     settings |= {"dtype": dtype, "seed": seed, "decoder_seed": decoder_seed,
                  "models": {"prior": args.prior, "decoder": args.decoder}}
     if args.image is None:

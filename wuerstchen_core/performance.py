@@ -17,28 +17,67 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .errors import WuerstchenError
 
 FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
 class Fp8Linear(nn.Linear):
-    """A Linear whose weight is stored in float8 (e4m3) and cast to the input dtype for each call.
+    """A Linear whose weight is stored in float8 (e4m3).
 
-    Halves the weight memory of a half-precision model; the matmul itself runs in the compute dtype.
+    By default the weight is cast to the input dtype for each call: half the weight memory of a
+    half-precision model, the matmul itself in the compute dtype. With `fp8_matmul` (ComfyUI's
+    "fp8_e4m3fn_fast") the matmul runs on fp8 tensor cores instead: the input is scaled per row into
+    e4m3 and multiplied with the stored weight, accumulating in fp32 (fp8_linear). Lossy; Linears whose
+    sizes fp8 matmuls cannot take (not multiples of 16) keep the cast.
     """
+
+    fp8_matmul = False
 
     def forward(self, x):
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.fp8_matmul and self.in_features % 16 == 0 and self.out_features % 16 == 0:
+            return fp8_linear(x, self.weight, bias)
         return F.linear(x, self.weight.to(x.dtype), bias)
 
 
-def store_linear_weights_in_fp8(model: nn.Module) -> nn.Module:
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x·weightᵀ + bias on fp8 tensor cores: weight [N,K] in e4m3 as stored, each row of x scaled so its
+    largest magnitude becomes FP8_MAX and rounded to e4m3, the product rescaled per row. The output is
+    bfloat16 (the only one per-row-scaled fp8 matmuls give on CUDA), then x's dtype."""
+    if not torch.compiler.is_compiling():  # traced once, in fast mode; the compiler reports an unfit GPU itself
+        check_fp8_matmul_device(x.device)
+    rows = x.reshape(-1, x.shape[-1])
+    amax = rows.abs().amax(dim=1, keepdim=True).float()
+    scale = amax.clamp_min(torch.finfo(torch.float32).tiny) / FP8_MAX  # [M,1]; an all-zero row stays zero
+    q = (rows / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    ones = torch.ones(1, weight.shape[0], device=x.device)  # the weight is stored unscaled
+    out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=ones, out_dtype=torch.bfloat16).to(x.dtype)
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def check_fp8_matmul_device(device: torch.device) -> None:
+    """Raise a WuerstchenError where fp8_linear cannot run: a CUDA GPU older than Hopper (the CPU can)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+        raise WuerstchenError(f"fp8 matmul (fp8_e4m3fn_fast) on {torch.cuda.get_device_name(device)}: per-row "
+                              "scaled fp8 matmuls need an NVIDIA GPU of compute capability 9.0 or newer (Hopper); "
+                              "use fp8_e4m3fn (fp8 storage only) on this GPU.")
+
+
+def store_linear_weights_in_fp8(model: nn.Module, matmul: bool = False) -> nn.Module:
     """Convert every Linear weight of `model` to float8 storage in place (biases, convs, norms keep
-    their dtype). The Linear layers hold >99% of the Stage B/C parameters."""
+    their dtype). The Linear layers hold >99% of the Stage B/C parameters. matmul: multiply them in
+    fp8 too (Fp8Linear.fp8_matmul), a model already in fp8 storage included."""
     if not hasattr(torch, "float8_e4m3fn"):
         raise WuerstchenError("fp8 weight storage needs torch ≥ 2.1 with float8 support; this torch has none.")
+    if matmul and not hasattr(torch, "_scaled_mm"):
+        raise WuerstchenError("fp8 matmul (fp8_e4m3fn_fast) needs a torch with torch._scaled_mm; this torch has none.")
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = Fp8Linear
             module.weight = nn.Parameter(module.weight.detach().to(FP8), requires_grad=False)
+        if type(module) is Fp8Linear:
+            module.fp8_matmul = matmul
     return model
 
 

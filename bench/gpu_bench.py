@@ -11,14 +11,16 @@ are skipped and say so; all of them took 5.5 minutes on an H200 (2026-11-26, run
 added or grown since, ≈ 1.5 min), most of it the two compiles of fast mode (batch 1 and batch 8, 87 s each). The
 last, fast-mode steps at batch 2/4 and 1536²/2048² (a compile per shape, 90–100 s each), does not fit
 after them (`--skip fast_sweep`; `--only fast_sweep` runs it alone, stopping before a shape that would
-overrun --budget-s). Six sections run only when named in --only, in a second process after the main
+overrun --budget-s). Seven sections run only when named in --only, in a second process after the main
 run: `grn_layout` (the channel MLP at batch-8 shapes in two layouts of the same arithmetic),
 `autotune_b8` and `regional_compile` (experiments, compiled with cold caches: batch-8 steps with
 mode="max-autotune"; fast mode with each block type compiled once), `warm_compile` (fast mode's
 first run with the compile caches the main run left on disk: what a later launch pays), and
 `block_variants` / `step_variants_b8` (bench/block_variants.py: a batch-8 step's repeated units compiled
 in other forms, then whole batch-8 steps in the forms that won; --forms-from reads an earlier
-block_variants run, so the two fit in two device calls).
+block_variants run, so the two fit in two device calls; `--chosen-forms` runs `fast_mode_b8` in the forms
+that won), and `fast_mode_b8_fp8` (batch 8 with the Stage B/C Linears multiplied in fp8: the features'
+distance from fp16, eager and fast-mode s/image). `--only fast_mode_b8` skips batch 1's fast-mode compile.
 diffusers is needed only for the "diffusers" rows (test-only reference).
 """
 

@@ -55,3 +55,31 @@ def test_gpu_bench_tiny_dry_run(tmp_path):
     assert 1e-3 < fp8["stage_c_features_rel_diff_vs_fp16"] < 0.2 and 1e-3 < fp8["stage_b_features_rel_diff_vs_fp16"] < 0.2
     rows = sections["attention_backends"]
     assert len(rows) == 4 and all(row["flash_max_abs_diff"] == 0 for row in rows)  # the default kernel is flash
+
+
+def test_chosen_forms_patch_each_stage_blocks_and_compute_the_same(monkeypatch):
+    """--chosen-forms: the forms block_variants chose per stage patch Stage C's and Stage B's block
+    classes separately, compute what the pack's blocks compute, and are undone afterwards."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import torch
+
+    import block_variants as variants
+    from tests.helpers.tiny_models import tiny_decoder, tiny_prior
+    from tests.test_performance import decoder_inputs, prior_inputs
+    from wuerstchen_core.models.common import ResBlock, ResBlockStageB
+
+    estimated = {"Stage C": {"compiled": 10.0, "transposed": 9.0, "stencil_dw": 9.95},
+                 "Stage B": {"compiled": 10.0, "stencil_dw": 8.0, "effnet_split": 10.5}}
+    chosen = {stage: variants.layout_flags(variants.chosen_forms(estimated, stage)) for stage in estimated}
+    assert chosen == {"Stage C": {"transposed": True, "effnet_split": False, "stencil_dw": False},
+                      "Stage B": {"transposed": False, "effnet_split": False, "stencil_dw": True}}
+    prior, decoder = tiny_prior(), tiny_decoder().fold_effnet()
+    originals = ResBlock.forward, ResBlockStageB.forward
+    with torch.no_grad():
+        plain = prior(*prior_inputs(prior)), decoder(*decoder_inputs(decoder))
+        with variants.variant(chosen["Stage C"], chosen["Stage B"]):
+            assert (ResBlock.forward, ResBlockStageB.forward) != originals
+            forms = prior(*prior_inputs(prior)), decoder(*decoder_inputs(decoder))
+    assert (ResBlock.forward, ResBlockStageB.forward) == originals
+    for a, b in zip(plain, forms):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

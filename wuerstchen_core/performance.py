@@ -5,6 +5,7 @@ None of these is on by default; the CLI and the nodes expose each as an option.
 """
 
 import contextlib
+import functools
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,10 +59,15 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 
 def check_fp8_matmul_device(device: torch.device) -> None:
     """Raise a WuerstchenError where fp8_linear cannot run: a CUDA GPU older than Hopper (the CPU can)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+    if device.type == "cuda" and not _hopper_or_newer(device):
         raise WuerstchenError(f"fp8 matmul (fp8_e4m3fn_fast) on {torch.cuda.get_device_name(device)}: per-row "
                               "scaled fp8 matmuls need an NVIDIA GPU of compute capability 9.0 or newer (Hopper); "
                               "use fp8_e4m3fn (fp8 storage only) on this GPU.")
+
+
+@functools.cache
+def _hopper_or_newer(device: torch.device) -> bool:  # asked once per device, not at every Linear call
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def store_linear_weights_in_fp8(model: nn.Module, matmul: bool = False) -> nn.Module:

@@ -296,6 +296,13 @@ def main():
             cond_c, cond_b = net_c.condition(cc), net_b.condition(eb, cb, hb)
         return (lambda: net_c(xc, rc, cond=cond_c)), (lambda: net_b(xb, rb, cond=cond_b))
 
+    def with_fp8_networks(matmul):
+        """m with fresh Stage B/C copies of the same weights, Linear weights in fp8 (multiplied in fp8 with
+        `matmul`); the text encoders and the VQGAN shared."""
+        return dict(m, prior=store_linear_weights_in_fp8(build(WuerstchenPrior, pc, device, dtype, 1), matmul),
+                    decoder=store_linear_weights_in_fp8(build(WuerstchenDecoder, dc, device, dtype, 2).fold_effnet(),
+                                                        matmul))
+
     # ---- one image stage by stage: low-VRAM (each model on the device only for its stage) or resident
     @contextlib.contextmanager
     def stage(name, model, low_vram, stats, stream=()):
@@ -487,10 +494,7 @@ def main():
         save()
 
     if section("low_vram_fp8", 25 if not tiny else 10):
-        # fresh Stage B/C copies with fp8-stored Linear weights; text encoders and VQGAN shared
-        measure_low_vram("low_vram_fp8", dict(
-            m, prior=store_linear_weights_in_fp8(build(WuerstchenPrior, pc, device, dtype, 1)),
-            decoder=store_linear_weights_in_fp8(build(WuerstchenDecoder, dc, device, dtype, 2).fold_effnet())))
+        measure_low_vram("low_vram_fp8", with_fp8_networks(matmul=False))
 
     # ---- the repeated units of a batch-8 step alone, eager and compiled in several forms (bench/block_variants.py),
     # then whole batch-8 steps compiled as fast mode does and with the forms the units chose (opt-in)
@@ -555,9 +559,8 @@ def main():
     # ---- batch 8 with the Stage B/C Linears multiplied in fp8 (fp8_e4m3fn_fast; lossy, opt-in): fresh fp8 copies
     # of the same weights, eager and in fast mode, and how far one batch-8 step's features are from the fp16 pack's
     if section("fast_mode_b8_fp8", 170 if not tiny else 60):
-        fp8 = dict(m, prior=store_linear_weights_in_fp8(build(WuerstchenPrior, pc, device, dtype, 1), matmul=True),
-                   decoder=store_linear_weights_in_fp8(build(WuerstchenDecoder, dc, device, dtype, 2).fold_effnet(),
-                                                       matmul=True))
+        fp8 = with_fp8_networks(matmul=True)
+
         def features(models):  # the networks' output heads are zero here (random_init_), so compare what they get
             torch.manual_seed(0)  # the same step inputs for both
             fc, fb = step_fns(models["prior"], models["decoder"], base, 8)

@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import block_variants as variants  # noqa: E402  (bench/, beside this file)
+import timeline  # noqa: E402
 from wuerstchen_core import memory  # noqa: E402
 from wuerstchen_core import pipeline as wp  # noqa: E402
 from wuerstchen_core.models import (  # noqa: E402
@@ -306,20 +307,34 @@ def main():
     # ---- one image stage by stage: low-VRAM (each model on the device only for its stage) or resident
     @contextlib.contextmanager
     def stage(name, model, low_vram, stats, stream=()):
-        """on_device for low-VRAM; with `stats`, record the stage's seconds, peak and resident memory."""
+        """on_device for low-VRAM; with `stats`, record the stage's seconds, peak and resident memory
+        (the device synchronised at both ends: idle_timeline reads the stage's kernels inside its range)."""
         if stats is not None:
             sync(device)
             resident = resident_gib(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             t = time.perf_counter()
-        with (on_device(model, device, stream) if low_vram else contextlib.nullcontext(model)) as placed:
-            yield placed
+        with torch.profiler.record_function(name):
+            with (on_device(model, device, stream) if low_vram else contextlib.nullcontext(model)) as placed:
+                yield placed
+            if stats is not None:
+                sync(device)
         if stats is not None:
-            sync(device)
             stats[name] = dict(s=round(time.perf_counter() - t, 4), resident_before_gib=round(resident, 3),
                                peak_gib=round(torch.cuda.max_memory_allocated() / GiB, 3) if device.type == "cuda"
                                else None)
+
+    def idle_timeline(models, batch):
+        """Per stage of one staged batch (resident, synchronised at each stage's ends): wall, device-busy
+        and idle ms and the largest idle gaps (bench/timeline.py), under the profiler."""
+        from torch.profiler import ProfilerActivity, profile
+        cuda = device.type == "cuda"
+        stats = {}
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            staged_generate(models, base, low_vram=False, stats=stats, batch=batch)
+        level = timeline.DeviceType.CUDA if cuda else timeline.DeviceType.CPU
+        return timeline.stage_timeline(prof.events(), list(stats), level)
 
     def staged_generate(models, size, low_vram=True, stats=None, batch=1):
         text_c, text_b = models["text_c"], models["text_b"]
@@ -551,6 +566,10 @@ def main():
                                               kernels=True)
             except Exception as e:
                 row["kernels"] = failed(e)
+            try:
+                row["idle"] = idle_timeline(fast, 8)
+            except Exception as e:
+                row["idle"] = failed(e)
         results["sections"].setdefault("fast_mode", []).append(row)
         log(row)
         save()
@@ -581,6 +600,7 @@ def main():
             row["s_per_image"] = timed(lambda: ours_generate(fast, base, 8), device, 2, 0) / 8
             row["stages"] = {}
             staged_generate(fast, base, low_vram=False, stats=row["stages"], batch=8)
+            row["idle"] = idle_timeline(fast, 8)
         except Exception as e:  # an fp8 matmul the compiler or the GPU refuses is a finding
             row["fast_mode"] = failed(e)
         results["sections"]["fast_mode_b8_fp8"] = row

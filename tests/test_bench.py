@@ -51,6 +51,9 @@ def test_gpu_bench_tiny_dry_run(tmp_path):
     assert all("ms" in row for row in sections["step_variants_b8"])
     fp8 = sections["fast_mode_b8_fp8"]
     assert fp8["s_per_image"] > 0 and fp8["stages"]
+    for idle in (sections["fast_mode"][1]["idle"], fp8["idle"]):  # every stage's range found in the profile
+        assert list(idle) == ["text bigG", "Stage C", "text H", "Stage B", "Stage A"]
+        assert all(0 < s["busy_ms"] <= s["wall_ms"] and s["largest_gaps"] for s in idle.values())
     # fp8 weights and activations move the features by a few percent, not nothing and not everything
     assert 1e-3 < fp8["stage_c_features_rel_diff_vs_fp16"] < 0.2 and 1e-3 < fp8["stage_b_features_rel_diff_vs_fp16"] < 0.2
     rows = sections["attention_backends"]
@@ -83,3 +86,22 @@ def test_chosen_forms_patch_each_stage_blocks_and_compute_the_same(monkeypatch):
     assert (ResBlock.forward, ResBlockStageB.forward) == originals
     for a, b in zip(plain, forms):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_idle_timeline_finds_the_gaps_between_device_events(monkeypatch):
+    """bench/timeline.py: busy time is the union of overlapping events, idle the rest of the stage's
+    range, and each gap names the event that ended before it and the one that started after it."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import timeline
+
+    events = [(0, 400, "gemm"), (100, 300, "nested"), (450, 700, "grn"), (690, 900, "attn"), (3000, 3100, "gemm")]
+    got = timeline.window_summary(events, -100, 3500)
+    assert got["wall_ms"] == 3.6 and abs(got["busy_ms"] - 0.95) < 1e-9 and abs(got["idle_ms"] - 2.65) < 1e-9
+    assert got["largest_gaps"][0] == dict(ms=2.1, after="attn", before="gemm")
+    assert got["gaps_over_1ms"] == 1 and abs(got["idle_in_gaps_over_1ms"] - 2.1) < 1e-9
+    assert [g["ms"] for g in got["largest_gaps"][1:]] == [0.4, 0.1, 0.05]  # stage end, stage start, 400→450
+    # events are clipped to the window; an empty window is all idle
+    assert timeline.window_summary(events, 350, 500)["busy_ms"] == 0.1
+    assert timeline.window_summary(events, 1000, 2000.5) == dict(
+        wall_ms=1.0005, busy_ms=0.0, idle_ms=1.0005, idle_in_gaps_over_1ms=1.0005, gaps_over_1ms=1,
+        largest_gaps=[dict(ms=1.0, after="(stage start)", before="(stage end)")])

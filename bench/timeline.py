@@ -42,12 +42,17 @@ def window_summary(intervals, start, end, top_gaps=5):
 
 
 def stage_timeline(events, stages, device_type=DeviceType.CUDA, top_gaps=5):
-    """Per stage name (a record_function range among the profiler's `events`): window_summary of the
-    `device_type` events inside it (on the CPU, the CPU operators: only the code path is meaningful)."""
+    """Per stage name (a record_function range among the profiler's `events`), and for "all stages" (the
+    first stage's start to the last one's end): window_summary of the `device_type` events inside it (on
+    the CPU, the CPU operators: only the code path is meaningful)."""
     ranges = {e.name: (e.time_range.start, e.time_range.end) for e in events
               if e.name in stages and e.device_type == DeviceType.CPU}
     # kernels, copies and memsets; not the annotations (record_function and the compiler's ranges) that the
     # profiler also draws on the device's timeline, spanning the kernels and the gaps between them
     device = [(e.time_range.start, e.time_range.end, e.name) for e in events
               if e.device_type == device_type and e.name not in stages and not getattr(e, "is_user_annotation", False)]
-    return {name: window_summary(device, *ranges[name], top_gaps) for name in stages if name in ranges}
+    out = {name: window_summary(device, *ranges[name], top_gaps) for name in stages if name in ranges}
+    if ranges:  # the stages together, the host's work between them included
+        out["all stages"] = window_summary(device, min(s for s, _ in ranges.values()),
+                                           max(e for _, e in ranges.values()), top_gaps)
+    return out

@@ -52,8 +52,9 @@ def test_gpu_bench_tiny_dry_run(tmp_path):
     fp8 = sections["fast_mode_b8_fp8"]
     assert fp8["s_per_image"] > 0 and fp8["stages"]
     for idle in (sections["fast_mode"][1]["idle"], fp8["idle"]):  # every stage's range found in the profile
-        assert list(idle) == ["text bigG", "Stage C", "text H", "Stage B", "Stage A"]
+        assert list(idle) == ["text bigG", "Stage C", "text H", "Stage B", "Stage A", "all stages"]
         assert all(0 < s["busy_ms"] <= s["wall_ms"] and s["largest_gaps"] for s in idle.values())
+        assert idle["all stages"]["wall_ms"] >= sum(s["wall_ms"] for name, s in idle.items() if name != "all stages")
     # fp8 weights and activations move the features by a few percent, not nothing and not everything
     assert 1e-3 < fp8["stage_c_features_rel_diff_vs_fp16"] < 0.2 and 1e-3 < fp8["stage_b_features_rel_diff_vs_fp16"] < 0.2
     rows = sections["attention_backends"]

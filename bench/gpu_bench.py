@@ -21,6 +21,7 @@ in other forms, then whole batch-8 steps in the forms that won; --forms-from rea
 block_variants run, so the two fit in two device calls; `--chosen-forms` runs `fast_mode_b8` in the forms
 that won), and `fast_mode_b8_fp8` (batch 8 with the Stage B/C Linears multiplied in fp8: the features'
 distance from fp16, eager and fast-mode s/image). `--only fast_mode_b8` skips batch 1's fast-mode compile.
+Both batch-8 fast-mode rows also record per stage where the device idles (`idle`, bench/timeline.py).
 diffusers is needed only for the "diffusers" rows (test-only reference).
 """
 

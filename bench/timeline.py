@@ -25,9 +25,15 @@ def merged(intervals):
     return periods
 
 
-def window_summary(intervals, start, end, top_gaps=5):
-    """Busy and idle time of the device inside [start, end] (µs in, ms out) and its largest idle gaps."""
+def window_summary(intervals, start, end, top_gaps=5, top_kernels=8):
+    """Busy and idle time of the device inside [start, end] (µs in, ms out), its largest idle gaps and
+    the events that took the most time in it (ms and calls per name)."""
     inside = [(max(s, start), min(e, end), n) for s, e, n in intervals if e > start and s < end]
+    by_name = {}
+    for s, e, n in inside:
+        ms, calls = by_name.get(n, (0.0, 0))
+        by_name[n] = (ms + (e - s) / 1e3, calls + 1)
+    kernels = sorted(by_name.items(), key=lambda item: -item[1][0])[:top_kernels]
     periods = merged(inside)
     busy = sum(e - s for s, e, _, _ in periods)
     edges = [(start, start, "(stage start)", "(stage start)"), *periods, (end, end, "(stage end)", "(stage end)")]
@@ -38,10 +44,11 @@ def window_summary(intervals, start, end, top_gaps=5):
                 idle_in_gaps_over_1ms=sum(g["ms"] for g in gaps if g["ms"] > 1),
                 gaps_over_1ms=sum(g["ms"] > 1 for g in gaps),
                 largest_gaps=[dict(g, ms=round(g["ms"], 3), after=g["after"][:80], before=g["before"][:80])
-                              for g in gaps[:top_gaps]])
+                              for g in gaps[:top_gaps]],
+                top_kernels=[dict(name=n[:100], ms=round(ms, 3), calls=calls) for n, (ms, calls) in kernels])
 
 
-def stage_timeline(events, stages, device_type=DeviceType.CUDA, top_gaps=5):
+def stage_timeline(events, stages, device_type=DeviceType.CUDA, top_gaps=5, top_kernels=8):
     """Per stage name (a record_function range among the profiler's `events`), and for "all stages" (the
     first stage's start to the last one's end): window_summary of the `device_type` events inside it (on
     the CPU, the CPU operators: only the code path is meaningful)."""
@@ -51,8 +58,8 @@ def stage_timeline(events, stages, device_type=DeviceType.CUDA, top_gaps=5):
     # profiler also draws on the device's timeline, spanning the kernels and the gaps between them
     device = [(e.time_range.start, e.time_range.end, e.name) for e in events
               if e.device_type == device_type and e.name not in stages and not getattr(e, "is_user_annotation", False)]
-    out = {name: window_summary(device, *ranges[name], top_gaps) for name in stages if name in ranges}
+    out = {name: window_summary(device, *ranges[name], top_gaps, top_kernels) for name in stages if name in ranges}
     if ranges:  # the stages together, the host's work between them included
         out["all stages"] = window_summary(device, min(s for s, _ in ranges.values()),
-                                           max(e for _, e in ranges.values()), top_gaps)
+                                           max(e for _, e in ranges.values()), top_gaps, top_kernels)
     return out

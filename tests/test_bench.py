@@ -101,8 +101,9 @@ def test_idle_timeline_finds_the_gaps_between_device_events(monkeypatch):
     assert got["largest_gaps"][0] == dict(ms=2.1, after="attn", before="gemm")
     assert got["gaps_over_1ms"] == 1 and abs(got["idle_in_gaps_over_1ms"] - 2.1) < 1e-9
     assert [g["ms"] for g in got["largest_gaps"][1:]] == [0.4, 0.1, 0.05]  # stage end, stage start, 400→450
+    assert got["top_kernels"][:2] == [dict(name="gemm", ms=0.5, calls=2), dict(name="grn", ms=0.25, calls=1)]
     # events are clipped to the window; an empty window is all idle
     assert timeline.window_summary(events, 350, 500)["busy_ms"] == 0.1
     assert timeline.window_summary(events, 1000, 2000.5) == dict(
         wall_ms=1.0005, busy_ms=0.0, idle_ms=1.0005, idle_in_gaps_over_1ms=1.0005, gaps_over_1ms=1,
-        largest_gaps=[dict(ms=1.0, after="(stage start)", before="(stage end)")])
+        largest_gaps=[dict(ms=1.0, after="(stage start)", before="(stage end)")], top_kernels=[])

@@ -57,7 +57,8 @@ def stage_timeline(events, stages, device_type=DeviceType.CUDA, top_gaps=5, top_
     # kernels, copies and memsets; not the annotations (record_function and the compiler's ranges) that the
     # profiler also draws on the device's timeline, spanning the kernels and the gaps between them
     device = [(e.time_range.start, e.time_range.end, e.name) for e in events
-              if e.device_type == device_type and e.name not in stages and not getattr(e, "is_user_annotation", False)]
+              if e.device_type == device_type and e.name not in stages and not getattr(e, "is_user_annotation", False)
+              and "annotation" not in str(getattr(e, "activity_type", ""))]
     out = {name: window_summary(device, *ranges[name], top_gaps, top_kernels) for name in stages if name in ranges}
     if ranges:  # the stages together, the host's work between them included
         out["all stages"] = window_summary(device, min(s for s, _ in ranges.values()),

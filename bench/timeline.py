@@ -12,8 +12,8 @@ from torch.autograd import DeviceType
 
 
 def merged(intervals):
-    """Sorted (start, end, first name, last name) intervals -> their union as busy periods, each with
-    the name of the event that opened it and of the one that ended it last."""
+    """(start, end, name) events -> their union as busy periods [start, end, name of the event that
+    opened it, name of the one that ended it], in time order."""
     periods = []
     for start, end, name in sorted(intervals):
         if periods and start <= periods[-1][1]:

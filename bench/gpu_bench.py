@@ -327,14 +327,12 @@ def main():
                                else None)
 
     def idle_timeline(models, batch):
-        """Per stage of one staged batch (resident, synchronised at each stage's ends): wall, device-busy
-        and idle ms and the largest idle gaps (bench/timeline.py), under the profiler."""
-        from torch.profiler import ProfilerActivity, profile
-        cuda = device.type == "cuda"
+        """Per stage of one staged batch (resident, synchronised at each stage's ends), under the profiler:
+        wall, device-busy and idle ms, the largest idle gaps and the top kernels (bench/timeline.py)."""
         stats = {}
-        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        with torch.no_grad(), torch.profiler.profile(activities=profiler_activities(device)) as prof:
             staged_generate(models, base, low_vram=False, stats=stats, batch=batch)
-        level = timeline.DeviceType.CUDA if cuda else timeline.DeviceType.CPU
+        level = timeline.DeviceType.CUDA if device.type == "cuda" else timeline.DeviceType.CPU
         return timeline.stage_timeline(prof.events(), list(stats), level)
 
     def staged_generate(models, size, low_vram=True, stats=None, batch=1):
@@ -911,19 +909,24 @@ def failed(e: Exception) -> str:
     return f"failed: {type(e).__name__}: {e}"[:300]
 
 
+def profiler_activities(device):
+    """What torch.profiler records on `device`: the CPU operators, and on CUDA the kernels too."""
+    from torch.profiler import ProfilerActivity
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+
 def op_breakdown(fn, device, top=20, reps=3, kernels=False):
     """`fn`'s operators ranked by their own time on `device` over `reps` calls (torch.profiler; on
     CUDA the kernel time of each aten operator that launched them): name, ms per call, share of the
     total, calls per call of `fn`. kernels: rank the CUDA kernels themselves instead (a compiled,
     graph-replayed step has no aten operator per kernel); on the CPU the operators as before."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     with torch.no_grad():
         fn()
         sync(device)
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        with torch.profiler.profile(activities=profiler_activities(device)) as prof:
             for _ in range(reps):
                 fn()
             sync(device)

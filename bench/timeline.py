@@ -48,19 +48,33 @@ def window_summary(intervals, start, end, top_gaps=5, top_kernels=8):
                 top_kernels=[dict(name=n[:100], ms=round(ms, 3), calls=calls) for n, (ms, calls) in kernels])
 
 
+def host_ops(events, start, end, top=6):
+    """The host operators that started inside [start, end] (µs), by self time: what kept the host busy while
+    the device waited (ms and calls per name)."""
+    by_name = {}
+    for name, begin, self_us in events:
+        if start <= begin < end:
+            ms, calls = by_name.get(name, (0.0, 0))
+            by_name[name] = (ms + self_us / 1e3, calls + 1)
+    return [dict(name=n[:100], ms=round(ms, 3), calls=calls)
+            for n, (ms, calls) in sorted(by_name.items(), key=lambda item: -item[1][0])[:top]]
+
+
 def stage_timeline(events, stages, device_type=DeviceType.CUDA, top_gaps=5, top_kernels=8):
     """Per stage name (a record_function range among the profiler's `events`), and for "all stages" (the
     first stage's start to the last one's end): window_summary of the `device_type` events inside it (on
-    the CPU, the CPU operators: only the code path is meaningful)."""
-    ranges = {e.name: (e.time_range.start, e.time_range.end) for e in events
-              if e.name in stages and e.device_type == DeviceType.CPU}
+    the CPU, the CPU operators: only the code path is meaningful) and the host's busiest operators."""
+    found = {e.name: (e.time_range.start, e.time_range.end) for e in events
+             if e.name in stages and e.device_type == DeviceType.CPU}
+    ranges = {name: found[name] for name in stages if name in found}
+    host = [(e.name, e.time_range.start, e.self_cpu_time_total) for e in events
+            if e.device_type == DeviceType.CPU and e.name not in stages]
     # kernels, copies and memsets; not the annotations (record_function and the compiler's ranges) that the
     # profiler also draws on the device's timeline, spanning the kernels and the gaps between them
     device = [(e.time_range.start, e.time_range.end, e.name) for e in events
               if e.device_type == device_type and e.name not in stages and not getattr(e, "is_user_annotation", False)
               and "annotation" not in str(getattr(e, "activity_type", ""))]
-    out = {name: window_summary(device, *ranges[name], top_gaps, top_kernels) for name in stages if name in ranges}
     if ranges:  # the stages together, the host's work between them included
-        out["all stages"] = window_summary(device, min(s for s, _ in ranges.values()),
-                                           max(e for _, e in ranges.values()), top_gaps, top_kernels)
-    return out
+        ranges["all stages"] = min(s for s, _ in ranges.values()), max(e for _, e in ranges.values())
+    return {name: dict(window_summary(device, *window, top_gaps, top_kernels), host_ops=host_ops(host, *window))
+            for name, window in ranges.items()}

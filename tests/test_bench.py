@@ -53,7 +53,7 @@ def test_gpu_bench_tiny_dry_run(tmp_path):
     assert fp8["s_per_image"] > 0 and fp8["stages"]
     for idle in (sections["fast_mode"][1]["idle"], fp8["idle"]):  # every stage's range found in the profile
         assert list(idle) == ["text bigG", "Stage C", "text H", "Stage B", "Stage A", "all stages"]
-        assert all(0 < s["busy_ms"] <= s["wall_ms"] and s["largest_gaps"] for s in idle.values())
+        assert all(0 < s["busy_ms"] <= s["wall_ms"] and s["largest_gaps"] and s["host_ops"] for s in idle.values())
         assert idle["all stages"]["wall_ms"] >= sum(s["wall_ms"] for name, s in idle.items() if name != "all stages")
     # fp8 weights and activations move the features by a few percent, not nothing and not everything
     assert 1e-3 < fp8["stage_c_features_rel_diff_vs_fp16"] < 0.2 and 1e-3 < fp8["stage_b_features_rel_diff_vs_fp16"] < 0.2
@@ -107,3 +107,9 @@ def test_idle_timeline_finds_the_gaps_between_device_events(monkeypatch):
     assert timeline.window_summary(events, 1000, 2000.5) == dict(
         wall_ms=1.0005, busy_ms=0.0, idle_ms=1.0005, idle_in_gaps_over_1ms=1.0005, gaps_over_1ms=1,
         largest_gaps=[dict(ms=1.0, after="(stage start)", before="(stage end)")], top_kernels=[])
+    # the host side: operators that started inside the window, by self time
+    host = [("aten::normal_", 10, 700.0), ("aten::normal_", 2000, 900.0), ("aten::copy_", 50, 100.0),
+            ("aten::empty", 4000, 5.0)]
+    assert timeline.host_ops(host, 0, 3500) == [dict(name="aten::normal_", ms=1.6, calls=2),
+                                               dict(name="aten::copy_", ms=0.1, calls=1)]
+    assert timeline.host_ops(host, 3500, 3600) == []

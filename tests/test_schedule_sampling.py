@@ -3,6 +3,7 @@
 import ast
 import importlib.util
 import math
+import os
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from diffusers.schedulers.scheduling_ddpm_wuerstchen import DDPMWuerstchenScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from wuerstchen_core import sampling
 from wuerstchen_core.errors import StageMismatchError, WuerstchenError
 from wuerstchen_core.sampling import NoiseSource, cfg_denoiser, generators_for_seeds, noise_to, sample
 from wuerstchen_core.schedule import (alphas_cumprod, linear_timesteps, parse_timesteps, stage_c_preset,
@@ -332,3 +334,29 @@ def test_reserved_noise_equals_the_draws_one_by_one(seeds, dtype):
     reserved.reserve(1, shape)
     with pytest.raises(RuntimeError, match="reserved"):
         reserved((1, 4, 8, 8) if len(seeds) > 1 else (2, 4, 8, 8))
+
+
+@pytest.mark.parametrize("workers", [1, 3], ids=["one worker", "three workers"])
+@pytest.mark.parametrize("seeds", [[5], [5, 6, 7, 8, 9]], ids=["one generator", "one per image"])
+def test_background_draws_equal_the_draws_one_by_one(seeds, workers, monkeypatch):
+    shape = (len(seeds), 4, 8, 8)
+    inline = NoiseSource(generators_for_seeds(seeds), "cpu", torch.float16)
+    expected = [inline(shape) for _ in range(5)]
+    monkeypatch.setattr(os, "cpu_count", lambda: workers + 1)
+    sampling._noise_workers.cache_clear()
+    try:
+        # two sources share the workers, as two stages or two queued prompts would; each keeps its order
+        ahead, other = (NoiseSource(generators_for_seeds(seeds), "cpu", torch.float16, background=True)
+                        for _ in range(2))
+        assert len(sampling._noise_workers()) == workers
+        got = [ahead(shape)]
+        ahead.reserve(3, shape)
+        other.reserve(4, shape)
+        got += [ahead(shape) for _ in range(3)] + [ahead(shape)]  # the last one unreserved, after the rest
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        assert all(torch.equal(other(shape), e) for e in expected[:4])
+        if len(seeds) > 1:  # found on the caller's thread, before anything is handed to a worker
+            with pytest.raises(StageMismatchError, match="seeds for a batch"):
+                ahead.reserve(2, (len(seeds) + 1, 4, 8, 8))
+    finally:
+        sampling._noise_workers.cache_clear()

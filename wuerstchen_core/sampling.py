@@ -11,7 +11,10 @@ to the device, like the reference. The caller draws the initial latent first; th
 "ddim" and "dpmpp_2m" draw nothing.
 """
 
+import functools
 import math
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -32,47 +35,80 @@ class NoiseSource:
     With one generator per image each image's noise is drawn with shape [1, ...] from its own
     generator and concatenated; with a single generator the whole batch is drawn at once. Both are
     exactly diffusers' `randn_tensor` with a list of generators / one generator.
+
+    For a device other than the CPU (or with `background=True`) the draws run on worker threads, each
+    generator always on the same worker, so each generator still yields its draws in order: a batch's
+    images are drawn in parallel, and reserved draws (`reserve`) are drawn ahead while the device runs.
+    Drawn inline, a batch-8 Stage B step's noise (8×4×256×256) left an H200 idle ≈ 12 ms before each
+    step in fast mode (docs/benchmarks.md, run 12).
     """
 
-    def __init__(self, generators: list[torch.Generator], device="cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, generators: list[torch.Generator], device="cpu", dtype: torch.dtype = torch.float32,
+                 background: bool | None = None):
         self.generators, self.device, self.dtype = list(generators), torch.device(device), dtype
-        self._slots: list[torch.Tensor] = []  # reserved host staging for the next draws
+        self.background = self.device.type != "cpu" if background is None else background
+        self._slots: list[tuple[torch.Tensor, list[Future] | None]] = []  # reserved: staging, work (None: not started)
 
     def __call__(self, shape, dtype: torch.dtype | None = None) -> torch.Tensor:
         shape, dtype = tuple(shape), dtype or self.dtype
         if self._slots:
-            slot = self._slots.pop(0)
-            if (tuple(slot.shape), slot.dtype) != (shape, dtype):
-                raise RuntimeError(f"NoiseSource: a {tuple(slot.shape)} {slot.dtype} draw was reserved and "
+            z, pending = self._slots.pop(0)
+            if (tuple(z.shape), z.dtype) != (shape, dtype):
+                raise RuntimeError(f"NoiseSource: a {tuple(z.shape)} {z.dtype} draw was reserved and "
                                    f"{shape} {dtype} asked for; reserve exactly the draws that follow.")
-            z = self._draw(shape, dtype, out=slot)
         else:
-            z = self._draw(shape, dtype)
-            z = z.pin_memory() if self.device.type == "cuda" else z
+            z, pending = torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda"), None
+        if pending is None:  # not started in the background: drawn now
+            pending = self._start(z)
+        for work in pending:
+            work.result()
         return z.to(self.device, non_blocking=True)  # from pinned memory: no host sync per draw
 
     def reserve(self, count: int, shape, dtype: torch.dtype | None = None) -> None:
-        """Allocate now the host staging (pinned on CUDA) of the next `count` draws of `shape`. Each draw
-        still happens when it is asked for, so the host draws while the device runs the previous step;
-        a pinned buffer per draw would instead cost a page-locked allocation, which waits for the
-        device, whenever the previous upload is still queued behind the model."""
+        """Allocate now the host staging (pinned on CUDA) of the next `count` draws of `shape`, and in the
+        background start drawing them in order. Without the background each draw still happens when it is
+        asked for. A pinned buffer per draw would instead cost a page-locked allocation, which waits for
+        the device, whenever the previous upload is still queued behind the model."""
         shape, dtype = tuple(shape), dtype or self.dtype
         if count > 0:
             staging = torch.empty((count, *shape), dtype=dtype, pin_memory=self.device.type == "cuda")
-            self._slots = list(staging.unbind(0))
+            self._slots = [(z, self._start(z) if self.background else None) for z in staging.unbind(0)]
 
-    def _draw(self, shape, dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _start(self, out: torch.Tensor) -> list[Future]:
+        """Fill `out`: on the workers (returning their pending work) or here (returning none)."""
+        rows = self._rows(out)
+        if not self.background:
+            for g, row in rows:
+                torch.randn(row.shape, generator=g, dtype=row.dtype, out=row)
+            return []
+        workers = _noise_workers()
+        jobs: dict[int, list] = {}
+        for i, (g, row) in enumerate(rows):
+            jobs.setdefault(i % len(workers), []).append((g, row))
+        return [workers[w].submit(_fill, job) for w, job in jobs.items()]
+
+    def _rows(self, out: torch.Tensor) -> list[tuple[torch.Generator, torch.Tensor]]:
         if len(self.generators) == 1:
-            return torch.randn(shape, generator=self.generators[0], dtype=dtype, out=out)
-        if len(self.generators) == shape[0]:
-            if out is None:
-                return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=dtype) for g in self.generators])
-            for g, row in zip(self.generators, out.split(1)):
-                torch.randn(row.shape, generator=g, dtype=dtype, out=row)
-            return out
+            return [(self.generators[0], out)]
+        if len(self.generators) == out.shape[0]:
+            return list(zip(self.generators, out.split(1)))
         raise StageMismatchError(
-            f"Noise: got {len(self.generators)} seeds for a batch of {shape[0]}, expected one seed per image."
+            f"Noise: got {len(self.generators)} seeds for a batch of {out.shape[0]}, expected one seed per image."
         )
+
+
+def _fill(rows) -> None:
+    for g, row in rows:  # ATen releases the GIL while it draws
+        torch.randn(row.shape, generator=g, dtype=row.dtype, out=row)
+
+
+@functools.cache
+def _noise_workers() -> list[ThreadPoolExecutor]:
+    """Single-thread executors, so the draws handed to one run in the order they were handed over.
+    Generator i of a batch goes to worker i mod n: one generator's draws stay in order however many
+    NoiseSources are in use, since each draw waits for the previous ones of its worker."""
+    n = max(1, min(8, (os.cpu_count() or 1) - 1))
+    return [ThreadPoolExecutor(max_workers=1, thread_name_prefix="wuerstchen-noise") for _ in range(n)]
 
 
 def generators_for_seeds(seeds: list[int]) -> list[torch.Generator]:

@@ -74,6 +74,22 @@ def test_batch_index_picks_the_same_noise_as_the_matching_single_run(models):
         torch.testing.assert_close(two[row:row + 1], one, rtol=0, atol=1e-4)
 
 
+def test_noise_drawn_by_the_background_workers_gives_the_same_image(models, singles, monkeypatch):
+    """What a GPU run does (the draws on worker threads, ahead of the sampler), forced on the CPU with three
+    workers: the same generators yield the same noise in the same order, so the image is the same."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    sampling._noise_workers.cache_clear()
+    monkeypatch.setattr(pipeline, "NoiseSource", lambda *a, **k: NoiseSource(*a, **k, background=True))
+    try:
+        batch = pipeline.generate(*models, "a cat", "blurry", batch=4, seed=20, decoder_seed=40, **SETTINGS)
+        assert len(sampling._noise_workers()) == 3
+    finally:
+        sampling._noise_workers.cache_clear()
+    plain = pipeline.generate(*models, "a cat", "blurry", batch=4, seed=20, decoder_seed=40, **SETTINGS)
+    assert torch.equal(batch, plain)
+    torch.testing.assert_close(batch[:1], singles[0], rtol=0, atol=1e-4)
+
+
 def test_noise_is_drawn_on_the_cpu_then_moved(models, monkeypatch):
     draws = []
     randn = torch.randn

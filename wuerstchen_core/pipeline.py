@@ -65,8 +65,13 @@ def _cast_compute(module: nn.Module, dtype: torch.dtype) -> None:
 
 def compute_param(module: nn.Module) -> nn.Parameter:
     """A parameter in the module's compute dtype (weights stored in fp8 are cast per call)."""
-    params = [p for p in module.parameters() if p.is_floating_point()]
-    return next((p for p in params if p.element_size() > 1), params[0])
+    first = None
+    for p in module.parameters():  # stops at the first: walking a whole network costs ms per stage
+        if p.is_floating_point():
+            if p.element_size() > 1:
+                return p
+            first = p if first is None else first
+    return first
 
 
 def _batched(t: Tensor, batch: int, what: str) -> Tensor:
@@ -201,6 +206,7 @@ def sample_stage_c(prior: nn.Module, cond: Tensor, uncond: Tensor | None = None,
 
     def run(dt):
         noise = NoiseSource(generators_for_seeds(seed_list), device, dt)
+        noise.reserve(1, shape)  # the start latent, drawn in the background while the conditioning is prepared
         c = {"clip": _batched(cond, batch, "The Stage C text embedding").to(device, dt)}
         u = {"clip": _batched(uncond, batch, "The Stage C negative embedding").to(device, dt)} if cfg > 1 else None
         eps_fn = cfg_denoiser(lambda x, r, k: prior(x, r, cond=k), c, u, cfg,
@@ -257,6 +263,7 @@ def sample_stage_b(decoder: nn.Module, stage_c_latent: Tensor, cond: Tensor, unc
 
     def run(dt):
         noise = NoiseSource(generators_for_seeds(seed_list), device, dt)
+        noise.reserve(1, shape)  # the start latent, drawn in the background while the conditioning is prepared
         c = {"clip": _batched(cond, batch, "The Stage B text embedding").to(device, dt), "effnet": effnet.to(dt)}
         u = None
         if cfg > 1:

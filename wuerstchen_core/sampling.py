@@ -65,14 +65,15 @@ class NoiseSource:
         return z.to(self.device, non_blocking=True)  # from pinned memory: no host sync per draw
 
     def reserve(self, count: int, shape, dtype: torch.dtype | None = None) -> None:
-        """Allocate now the host staging (pinned on CUDA) of the next `count` draws of `shape`, and in the
-        background start drawing them in order. Without the background each draw still happens when it is
-        asked for. A pinned buffer per draw would instead cost a page-locked allocation, which waits for
-        the device, whenever the previous upload is still queued behind the model."""
+        """Allocate now the host staging (pinned on CUDA) of the next `count` draws of `shape` (after any
+        reserved before), and in the background start drawing them in order; without the background each
+        draw still happens when it is asked for. A pinned buffer per draw would instead cost a page-locked
+        allocation, which waits for the device, whenever the previous upload is still queued behind the
+        model."""
         shape, dtype = tuple(shape), dtype or self.dtype
         if count > 0:
             staging = torch.empty((count, *shape), dtype=dtype, pin_memory=self.device.type == "cuda")
-            self._slots = [(z, self._start(z) if self.background else None) for z in staging.unbind(0)]
+            self._slots += [(z, self._start(z) if self.background else None) for z in staging.unbind(0)]
 
     def _start(self, out: torch.Tensor) -> list[Future]:
         """Fill `out`: on the workers (returning their pending work) or here (returning none)."""

@@ -79,8 +79,7 @@ class NoiseSource:
         """Fill `out`: on the workers (returning their pending work) or here (returning none)."""
         rows = self._rows(out)
         if not self.background:
-            for g, row in rows:
-                torch.randn(row.shape, generator=g, dtype=row.dtype, out=row)
+            _fill(rows)
             return []
         workers = _noise_workers()
         jobs: dict[int, list] = {}

@@ -11,6 +11,8 @@ and compiled in several forms:
   and a GEMM), where the blocks concatenate them to the first Linear's input (one GEMM);
 - stencil_dw: the depthwise 3×3 conv written as nine shifted multiply-adds, which inductor can fuse with
   the bias and the LayerNorm after it into one kernel (cuDNN's conv writes its map, the LN reads it back);
+- grn_triton: the GELU and GRN in two hand-written Triton kernels that read the map along its channels
+  (bench/grn_triton.py);
 - coordinate_descent: inductor's coordinate-descent tuning of its Triton kernels (block sizes, warps);
 - max_autotune: mode="max-autotune" (Triton GEMM templates, fused prologues/epilogues where they win).
 
@@ -27,8 +29,10 @@ import torch.nn.functional as F
 
 from wuerstchen_core.models.common import LN_EPS, ResBlock, ResBlockStageB
 
+GPU_ONLY = ("grn_triton", "coordinate_descent", "max_autotune")  # left out of the CPU dry run: Triton kernels
 TUNINGS = {"compiled": {}, "coordinate_descent": {"coordinate_descent_tuning": True}, "max_autotune": {}}
-LAYOUTS = ("transposed", "effnet_split", "stencil_dw")  # the forms that change the blocks' code: timed eager too
+# the forms that change the blocks' code: timed eager too
+LAYOUTS = ("transposed", "effnet_split", "stencil_dw", "grn_triton")
 
 
 def recorded_inputs(blocks, run):
@@ -58,14 +62,18 @@ def chain(blocks, inputs):
     return run
 
 
-def channel_mlp(channelwise, tokens, batch, weight, bias, extra, transposed):
+def channel_mlp(channelwise, tokens, batch, weight, bias, extra, transposed, grn_triton=False):
     """fc2(GRN(GELU(tokens·weightᵀ + bias [+ extra]))) on [B·N, k] tokens -> [B·N, c]; extra: (e, w) whose
-    e·wᵀ the first Linear accumulates. transposed: the hidden map is [4c, B·N]."""
+    e·wᵀ the first Linear accumulates. transposed: the hidden map is [4c, B·N]. grn_triton: GELU and GRN
+    in bench/grn_triton.py's kernels."""
     _, gelu, grn, _, fc2 = channelwise
     if not transposed:
         u = F.linear(tokens, weight, bias)
         if extra is not None:
             u = u.addmm_(extra[0], extra[1].t())
+        if grn_triton:
+            from grn_triton import gelu_grn  # needs triton: imported only by this form
+            return fc2(gelu_grn(u.view(batch, -1, u.shape[-1]), grn.gamma, grn.beta)).flatten(0, 1)
         return fc2(grn(gelu(u.view(batch, -1, 1, u.shape[-1])))).flatten(0, 2)
     u = torch.mm(weight, tokens.t())  # [4c, B·N]; the bias joins the GELU's pass (a row bias has no GEMM epilogue)
     if extra is not None:
@@ -88,7 +96,8 @@ def stencil_depthwise(conv, x):
     return out
 
 
-def block_forward(self, x, skip=None, effnet=None, *, transposed=False, effnet_split=False, stencil_dw=False):
+def block_forward(self, x, skip=None, effnet=None, *, transposed=False, effnet_split=False, stencil_dw=False,
+                  grn_triton=False):
     """ResBlock / ResBlockStageB forward in a variant form (the pack's arithmetic, other kernels)."""
     b, c = x.shape[:2]
     mixed = stencil_depthwise(self.depthwise, x) if stencil_dw else self.depthwise(x)
@@ -103,7 +112,7 @@ def block_forward(self, x, skip=None, effnet=None, *, transposed=False, effnet_s
             weight, extra = weight[:, :k], (effnet.reshape(-1, effnet.shape[-1]), weight[:, k:])
         else:
             h = torch.cat([h, effnet], dim=-1)
-    out = channel_mlp(self.channelwise, h.reshape(-1, h.shape[-1]), b, weight, fc1.bias, extra, transposed)
+    out = channel_mlp(self.channelwise, h.reshape(-1, h.shape[-1]), b, weight, fc1.bias, extra, transposed, grn_triton)
     return x + out.view(b, *x.shape[2:], c).permute(0, 3, 1, 2)
 
 
@@ -157,18 +166,18 @@ def units(m, step_fns, base, batch):
     return [(stage, name, blocks, count, recorded_inputs(blocks, run)) for stage, name, blocks, count, run in out]
 
 
-FORMS = ("compiled", "transposed", "stencil_dw", "effnet_split", "coordinate_descent", "max_autotune")
+FORMS = ("compiled", "grn_triton", "transposed", "stencil_dw", "effnet_split", "coordinate_descent", "max_autotune")
 
 
 def block_variants(m, step_fns, base, device, log, deadline, timed, first_call_and_ms, forms=FORMS, tiny=False):
     """The `block_variants` section: a row per unit (every form's compile s, ms and largest difference from
     eager) and the estimated step per form. Form by form in `forms`' order (the likeliest levers first),
     so a deadline cuts the rest. timed, first_call_and_ms: the bench's timing helpers. tiny: the CPU dry
-    run, without the two tunings (they tune Triton kernels, which a CPU does not run).
+    run, without the GPU_ONLY forms (Triton kernels, which a CPU does not run).
     Stage A is not among the units: compiled, its batch-8 decode took 154 ms against 114 eager on the
     H200 (run 10), after a 111 s compile."""
     cuda = device.type == "cuda"
-    forms = [f for f in forms if not (tiny and f in ("coordinate_descent", "max_autotune"))]
+    forms = [f for f in forms if not (tiny and f in GPU_ONLY)]
     assert forms[0] == "compiled", "the compiled form is every estimate's baseline"
     cases = []
     for stage, name, blocks, count, inputs in units(m, step_fns, base, 8):

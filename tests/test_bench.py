@@ -2,6 +2,7 @@
 that breaks between GPU sessions must fail here, not on the device. (Timings are not checked: speed is
 measured by the bench, never asserted in tests.)"""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -75,8 +76,8 @@ def test_chosen_forms_patch_each_stage_blocks_and_compute_the_same(monkeypatch):
     estimated = {"Stage C": {"compiled": 10.0, "transposed": 9.0, "stencil_dw": 9.95},
                  "Stage B": {"compiled": 10.0, "stencil_dw": 8.0, "effnet_split": 10.5}}
     chosen = {stage: variants.layout_flags(variants.chosen_forms(estimated, stage)) for stage in estimated}
-    assert chosen == {"Stage C": {"transposed": True, "effnet_split": False, "stencil_dw": False},
-                      "Stage B": {"transposed": False, "effnet_split": False, "stencil_dw": True}}
+    assert chosen == {"Stage C": {"transposed": True, "effnet_split": False, "stencil_dw": False, "grn_triton": False},
+                      "Stage B": {"transposed": False, "effnet_split": False, "stencil_dw": True, "grn_triton": False}}
     prior, decoder = tiny_prior(), tiny_decoder().fold_effnet()
     originals = ResBlock.forward, ResBlockStageB.forward
     with torch.no_grad():
@@ -113,3 +114,52 @@ def test_idle_timeline_finds_the_gaps_between_device_events(monkeypatch):
     assert timeline.host_ops(host, 0, 3500) == [dict(name="aten::normal_", ms=1.6, calls=2),
                                                dict(name="aten::copy_", ms=0.1, calls=1)]
     assert timeline.host_ops(host, 3500, 3600) == []
+
+
+GRN_TRITON_CHECK = """
+import torch
+import block_variants as variants
+from grn_triton import gelu_grn
+from tests.helpers.tiny_models import tiny_decoder, tiny_prior
+from tests.test_performance import decoder_inputs, prior_inputs
+from wuerstchen_core.models.common import GlobalResponseNorm
+
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.float16):
+    for shape in ((2, 36, 96), (3, 100, 200), (1, 70, 64)):  # the last one splits its rows over 3 programs
+        batch, n, c = shape
+        grn = GlobalResponseNorm(c)
+        with torch.no_grad():
+            grn.gamma.normal_()
+            grn.beta.normal_()
+            grn = grn.to(dtype)
+            u = (torch.randn(shape) * 2).to(dtype)
+            expected = grn(torch.nn.functional.gelu(u.view(batch, n, 1, c))).view(shape).float()
+            got = gelu_grn(u, grn.gamma, grn.beta).float()
+        err = ((got - expected).abs().max() / expected.abs().max()).item()
+        assert err < (1e-6 if dtype == torch.float32 else 1e-4), (dtype, shape, err)
+
+flags = {layout: layout == "grn_triton" for layout in variants.LAYOUTS}
+prior, decoder = tiny_prior(), tiny_decoder().fold_effnet()
+with torch.no_grad():
+    plain = prior(*prior_inputs(prior)), decoder(*decoder_inputs(decoder))
+    with variants.variant(flags, flags):
+        forms = prior(*prior_inputs(prior)), decoder(*decoder_inputs(decoder))
+for a, b in zip(plain, forms):
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+print("grn_triton ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="triton is not installed (CPU torch wheels do not bring it): the grn_triton form's kernels "
+                           "run here only under TRITON_INTERPRET=1 with triton on the path")
+def test_grn_triton_kernels_compute_the_packs_gelu_grn():
+    """bench/grn_triton.py in Triton's interpreter: the kernels give the eager GELU + GRN (fp32 to rounding,
+    fp16 within an ulp of the rounded GELU) with the rows split over several programs or not, and the
+    blocks in the grn_triton form compute what the pack's blocks compute."""
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "bench"), ROOT, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", GRN_TRITON_CHECK], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and "grn_triton ok" in done.stdout, done.stderr[-3000:]

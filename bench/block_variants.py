@@ -33,6 +33,7 @@ GPU_ONLY = ("grn_triton", "coordinate_descent", "max_autotune")  # left out of t
 TUNINGS = {"compiled": {}, "coordinate_descent": {"coordinate_descent_tuning": True}, "max_autotune": {}}
 # the forms that change the blocks' code: timed eager too
 LAYOUTS = ("transposed", "effnet_split", "stencil_dw", "grn_triton")
+CHANNEL_MLP_FORMS = ("grn_triton", "transposed")  # other code for the same part: at most one is chosen
 
 
 def recorded_inputs(blocks, run):
@@ -242,6 +243,8 @@ def chosen_forms(estimated_ms, stage, threshold=0.01):
     if base is None:
         return None
     wins = {form for form, ms in est.items() if ms is not None and ms < base * (1 - threshold)}
+    rivals = sorted((est[form], form) for form in CHANNEL_MLP_FORMS if form in wins)
+    wins -= {form for _, form in rivals[1:]}  # both replace the channel MLP: only the faster one applies
     tunings = sorted((est[t], t) for t in ("coordinate_descent", "max_autotune") if t in wins)
     return {**{layout: layout in wins for layout in LAYOUTS}, "tuning": tunings[0][1] if tunings else "compiled"}
 

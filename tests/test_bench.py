@@ -78,6 +78,8 @@ def test_chosen_forms_patch_each_stage_blocks_and_compute_the_same(monkeypatch):
     chosen = {stage: variants.layout_flags(variants.chosen_forms(estimated, stage)) for stage in estimated}
     assert chosen == {"Stage C": {"transposed": True, "effnet_split": False, "stencil_dw": False, "grn_triton": False},
                       "Stage B": {"transposed": False, "effnet_split": False, "stencil_dw": True, "grn_triton": False}}
+    rivals = variants.chosen_forms({"Stage C": {"compiled": 10.0, "transposed": 9.0, "grn_triton": 8.0}}, "Stage C")
+    assert rivals["grn_triton"] and not rivals["transposed"]  # both rewrite the channel MLP: the faster one wins
     prior, decoder = tiny_prior(), tiny_decoder().fold_effnet()
     originals = ResBlock.forward, ResBlockStageB.forward
     with torch.no_grad():

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from wuerstchen_core.models.common import grn_scale
+
 SPLIT_PROGRAMS = 1024  # rough grid size the reduction aims for (several programs per SM)
 
 
@@ -76,8 +78,7 @@ def gelu_grn(u: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.
     _sum_squares[(batch, channel_blocks, splits)](u, partial, n, c, ROWS_PER_SPLIT=rows_per_split, BLOCK_N=block_n,
                                                   BLOCK_C=block_c)
     g = partial.sum(dim=1).sqrt().to(u.dtype)  # [B, C]: the spatial L2 norm, as vector_norm rounds it
-    d = g.mean(dim=-1, keepdim=True) + 1e-6
-    scale = torch.addcmul(d, gamma.reshape(1, c).to(u.dtype), g).div_(d).contiguous()
+    scale = grn_scale(g, gamma.reshape(1, c).to(u.dtype)).contiguous()
     out = torch.empty_like(u)
     block_r = 32
     _apply[(triton.cdiv(batch * n, block_r), channel_blocks)](

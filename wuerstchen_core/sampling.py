@@ -33,8 +33,8 @@ class NoiseSource:
     """Standard-normal draws from CPU generators, moved to `device`.
 
     With one generator per image each image's noise is drawn with shape [1, ...] from its own
-    generator and concatenated; with a single generator the whole batch is drawn at once. Both are
-    exactly diffusers' `randn_tensor` with a list of generators / one generator.
+    generator into its row of the batch; with a single generator the whole batch is drawn at once. Both
+    are exactly diffusers' `randn_tensor` with a list of generators / one generator.
 
     For a device other than the CPU (or with `background=True`) the draws run on worker threads, each
     generator always on the same worker, so each generator still yields its draws in order: a batch's
@@ -57,7 +57,7 @@ class NoiseSource:
                 raise RuntimeError(f"NoiseSource: a {tuple(z.shape)} {z.dtype} draw was reserved and "
                                    f"{shape} {dtype} asked for; reserve exactly the draws that follow.")
         else:
-            z, pending = torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda"), None
+            z, pending = self._staging(shape, dtype), None
         if pending is None:  # not started in the background: drawn now
             pending = self._start(z)
         for work in pending:
@@ -72,8 +72,11 @@ class NoiseSource:
         model."""
         shape, dtype = tuple(shape), dtype or self.dtype
         if count > 0:
-            staging = torch.empty((count, *shape), dtype=dtype, pin_memory=self.device.type == "cuda")
+            staging = self._staging((count, *shape), dtype)
             self._slots += [(z, self._start(z) if self.background else None) for z in staging.unbind(0)]
+
+    def _staging(self, shape, dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")  # pinned: async uploads
 
     def _start(self, out: torch.Tensor) -> list[Future]:
         """Fill `out`: on the workers (returning their pending work) or here (returning none)."""

@@ -61,11 +61,15 @@ class GlobalResponseNorm(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
 
     def forward(self, x):
-        g = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # [B,1,1,C]
-        d = g.mean(dim=-1, keepdim=True) + 1e-6
-        scale = torch.addcmul(d, self.gamma, g).div_(d)  # 1 + gamma * g / d, in three small ops
+        scale = grn_scale(torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True), self.gamma)  # [B,1,1,C]
         # gamma * (x * n) + beta + x in one pass; in place in eager inference (see GELU)
         return torch.addcmul(self.beta, x, scale, out=x) if _may_overwrite() else torch.addcmul(self.beta, x, scale)
+
+
+def grn_scale(g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """1 + gamma·g/(mean over channels of g + 1e-6) for the spatial norms g [..., C], in three small ops."""
+    d = g.mean(dim=-1, keepdim=True) + 1e-6
+    return torch.addcmul(d, gamma, g).div_(d)
 
 
 def _may_overwrite() -> bool:

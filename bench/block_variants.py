@@ -22,6 +22,7 @@ variant forwards live here, not in the pack: whatever wins is moved into the blo
 """
 
 import contextlib
+import sys
 import time
 
 import torch
@@ -216,7 +217,10 @@ def block_variants(m, step_fns, base, device, log, deadline, timed, first_call_a
             fn = out = None
             log({k: v for k, v in row.items() if k.startswith(form) or k in ("stage", "unit")})
     rows = [case[0] for case in cases]
-    return dict(units=rows, estimated_ms=estimate(rows, forms))
+    found = dict(units=rows, estimated_ms=estimate(rows, forms))
+    if "grn_triton" in sys.modules:  # the tiles its autotuner picked per shape (what pack code would pin)
+        found["grn_triton_tiles"] = sys.modules["grn_triton"].tuned_tiles()
+    return found
 
 
 def estimate(rows, forms):

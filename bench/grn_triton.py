@@ -6,10 +6,13 @@ and they run at a third to half of the card's memory bandwidth: a reduction over
 [B, N, 4c] map (the rows are the strided dimension) and an apply pass. Both kernels here walk the map
 along the channels, so every load is contiguous:
 
-- `_sum_squares`: per (image, channel block, row split) the sum over its rows of GELU(u)², in float32; the
-  row splits keep the grid wide where the batch and the channels alone give few programs (Stage B's
-  level 0 has 16384 rows and 1280 channels per image). The splits are added up afterwards in a fixed
-  order, so the result is deterministic (no atomics).
+- `_sum_squares`: per (image, channel block, row split) the sum over its rows of GELU(u)², in float32,
+  each thread accumulating its own elements and the tile summed across threads once at the end (a sum
+  across the warps at every step costs barriers and shared memory); the row splits keep the grid wide
+  where the batch and the channels alone give few programs (Stage B's level 0 has 16384 rows and 1280
+  channels per image). The splits are added up afterwards in a fixed order (no atomics), so the result
+  is deterministic for a given tile; the summation order, and so the last bits, depend on the tile,
+  which Triton's autotuner picks per shape at its first call (pack code would pin it).
 - `_apply`: GELU(u)·scale[b, c] + beta[c], with scale = 1 + gamma·‖GELU(u)‖/(mean‖·‖ + 1e-6) formed
   between the two in the GRN's own ops on [B, C].
 
@@ -18,6 +21,7 @@ CPU only under TRITON_INTERPRET=1 (tests/test_bench.py, with triton installed).
 """
 
 import math
+import os
 
 import torch
 import triton
@@ -26,6 +30,14 @@ import triton.language as tl
 from wuerstchen_core.models.common import grn_scale
 
 SPLIT_PROGRAMS = 1024  # rough grid size the reduction aims for (several programs per SM)
+SPLIT_ROWS = 64  # a row split is a multiple of this (and so of every BLOCK_N below)
+# Tile sizes tried at each shape's first call (Triton's autotuner keeps the fastest; bench/gpu_bench.py logs
+# the choice). Under TRITON_INTERPRET=1 (the CPU test) only the first of each is used: nothing to time.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_SUM_CONFIGS = [triton.Config(dict(BLOCK_N=n, BLOCK_C=c), num_warps=w)
+                for n, c, w in ((32, 128, 4), (64, 128, 8), (16, 256, 4), (32, 256, 8), (64, 64, 4))]
+_APPLY_CONFIGS = [triton.Config(dict(BLOCK_R=r, BLOCK_C=c), num_warps=w)
+                  for r, c, w in ((32, 128, 4), (64, 128, 8), (16, 256, 4), (32, 256, 8), (128, 64, 8))]
 
 
 @triton.jit
@@ -34,6 +46,7 @@ def _gelu_rounded(u, dtype: tl.constexpr):
     return x.to(dtype).to(tl.float32)
 
 
+@triton.autotune(configs=_SUM_CONFIGS[:1] if _INTERPRETED else _SUM_CONFIGS, key=["N", "C", "ROWS_PER_SPLIT"])
 @triton.jit
 def _sum_squares(u_ptr, part_ptr, N, C, ROWS_PER_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     b, cb, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -41,16 +54,17 @@ def _sum_squares(u_ptr, part_ptr, N, C, ROWS_PER_SPLIT: tl.constexpr, BLOCK_N: t
     start = s * ROWS_PER_SPLIT
     end = tl.minimum(start + ROWS_PER_SPLIT, N)
     image = u_ptr + b.to(tl.int64) * N * C
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)  # summed across threads once, after the loop
     for offset in range(0, ROWS_PER_SPLIT, BLOCK_N):
         rows = start + offset + tl.arange(0, BLOCK_N)
         mask = (rows < end)[:, None] & (cols < C)[None, :]
         u = tl.load(image + rows[:, None].to(tl.int64) * C + cols[None, :], mask=mask, other=0.0)
         x = _gelu_rounded(u.to(tl.float32), u_ptr.dtype.element_ty)  # GELU(0) = 0: masked entries add nothing
-        acc += tl.sum(x * x, axis=0)
-    tl.store(part_ptr + (b * tl.num_programs(2) + s).to(tl.int64) * C + cols, acc, mask=cols < C)
+        acc += x * x
+    tl.store(part_ptr + (b * tl.num_programs(2) + s).to(tl.int64) * C + cols, tl.sum(acc, axis=0), mask=cols < C)
 
 
+@triton.autotune(configs=_APPLY_CONFIGS[:1] if _INTERPRETED else _APPLY_CONFIGS, key=["N", "C", "R"])
 @triton.jit
 def _apply(u_ptr, scale_ptr, beta_ptr, out_ptr, N, C, R, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # over B·N
@@ -69,23 +83,27 @@ def gelu_grn(u: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.
     """GRN(GELU(u)) for u [B, N, C] (contiguous), gamma and beta holding C values."""
     u = u.contiguous()
     batch, n, c = u.shape
-    block_n, block_c = 32, 128
-    channel_blocks = triton.cdiv(c, block_c)
-    splits = max(1, min(triton.cdiv(n, block_n), math.ceil(SPLIT_PROGRAMS / (batch * channel_blocks))))
-    rows_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
+    min_channel_blocks = triton.cdiv(c, 256)  # the widest BLOCK_C: the split count must not depend on the tile
+    splits = max(1, min(triton.cdiv(n, SPLIT_ROWS), math.ceil(SPLIT_PROGRAMS / (batch * min_channel_blocks))))
+    rows_per_split = triton.cdiv(triton.cdiv(n, splits), SPLIT_ROWS) * SPLIT_ROWS
     splits = triton.cdiv(n, rows_per_split)
     partial = torch.empty(batch, splits, c, device=u.device, dtype=torch.float32)
-    _sum_squares[(batch, channel_blocks, splits)](u, partial, n, c, ROWS_PER_SPLIT=rows_per_split, BLOCK_N=block_n,
-                                                  BLOCK_C=block_c)
+    _sum_squares[lambda meta: (batch, triton.cdiv(c, meta["BLOCK_C"]), splits)](
+        u, partial, n, c, ROWS_PER_SPLIT=rows_per_split)
     g = partial.sum(dim=1).sqrt().to(u.dtype)  # [B, C]: the spatial L2 norm, as vector_norm rounds it
     scale = grn_scale(g, gamma.reshape(1, c).to(u.dtype)).contiguous()
     out = torch.empty_like(u)
-    block_r = 32
-    _apply[(triton.cdiv(batch * n, block_r), channel_blocks)](
-        u, scale, beta.reshape(c).to(u.dtype).contiguous(), out, n, c, batch * n, BLOCK_R=block_r, BLOCK_C=block_c)
+    _apply[lambda meta: (triton.cdiv(batch * n, meta["BLOCK_R"]), triton.cdiv(c, meta["BLOCK_C"]))](
+        u, scale, beta.reshape(c).to(u.dtype).contiguous(), out, n, c, batch * n)
     return out
 
 
 @gelu_grn.register_fake
 def _(u, gamma, beta):
     return torch.empty_like(u.contiguous())
+
+
+def tuned_tiles() -> dict:
+    """The tile each kernel's autotuner chose per (N, C, ...) key so far (for the bench's log)."""
+    return {kernel.base_fn.__name__: {str(key): str(config) for key, config in kernel.cache.items()}
+            for kernel in (_sum_squares, _apply)}

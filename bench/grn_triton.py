@@ -13,8 +13,10 @@ along the channels, so every load is contiguous:
   channels per image). The splits are added up afterwards in a fixed order (no atomics), so the result
   is deterministic for a given tile; the summation order, and so the last bits, depend on the tile,
   which Triton's autotuner picks per shape at its first call (pack code would pin it).
-- `_apply`: GELU(u)·scale[b, c] + beta[c], with scale = 1 + gamma·‖GELU(u)‖/(mean‖·‖ + 1e-6) formed
-  between the two in the GRN's own ops on [B, C].
+- `_scale`: one program per image forms the GRN's scale 1 + gamma·‖GELU(u)‖/(mean‖·‖ + 1e-6) on
+  [B, C] (the formula of models.common.grn_scale, rounded as its ops round): one small kernel where the
+  same arithmetic in torch ops took seven.
+- `_apply`: GELU(u)·scale[b, c] + beta[c].
 
 GELU(u) is rounded to u's dtype before it is squared or scaled, as the eager modules see it. Run on a
 CPU only under TRITON_INTERPRET=1 (tests/test_bench.py, with triton installed).
@@ -27,7 +29,6 @@ import torch
 import triton
 import triton.language as tl
 
-from wuerstchen_core.models.common import grn_scale
 
 SPLIT_PROGRAMS = 1024  # rough grid size the reduction aims for (several programs per SM)
 SPLIT_ROWS = 64  # a row split is a multiple of this (and so of every BLOCK_N below)
@@ -64,6 +65,33 @@ def _sum_squares(u_ptr, part_ptr, N, C, ROWS_PER_SPLIT: tl.constexpr, BLOCK_N: t
     tl.store(part_ptr + (b * tl.num_programs(2) + s).to(tl.int64) * C + cols, tl.sum(acc, axis=0), mask=cols < C)
 
 
+@triton.jit
+def _scale(part_ptr, gamma_ptr, scale_ptr, C: tl.constexpr, SPLITS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program per image: the GRN's scale 1 + gamma·g/(mean g + 1e-6) from the row splits' sums of
+    squares, rounding to the map's dtype wherever the eager ops (vector_norm, mean, add, addcmul, div)
+    return a tensor of it. g is parked in the output between the two passes over the channels."""
+    b = tl.program_id(0).to(tl.int64)
+    dtype = scale_ptr.dtype.element_ty
+    total = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, C, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        sums = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for s in range(SPLITS):  # in a fixed order
+            sums += tl.load(part_ptr + (b * SPLITS + s) * C + cols, mask=cols < C, other=0.0)
+        g = tl.sqrt(sums).to(dtype)
+        total += g.to(tl.float32)
+        tl.store(scale_ptr + b * C + cols, g, mask=cols < C)
+    tl.debug_barrier()  # every thread's g is written before any is read back
+    mean = (tl.sum(total, axis=0) * (1.0 / C)).to(dtype).to(tl.float32)
+    d = (mean + 1e-6).to(dtype).to(tl.float32)
+    for start in range(0, C, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        g = tl.load(scale_ptr + b * C + cols, mask=cols < C, other=0.0).to(tl.float32)
+        gamma = tl.load(gamma_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
+        numerator = (d + gamma * g).to(dtype).to(tl.float32)
+        tl.store(scale_ptr + b * C + cols, (numerator / d).to(dtype), mask=cols < C)
+
+
 @triton.autotune(configs=_APPLY_CONFIGS[:1] if _INTERPRETED else _APPLY_CONFIGS, key=["N", "C", "R"])
 @triton.jit
 def _apply(u_ptr, scale_ptr, beta_ptr, out_ptr, N, C, R, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -90,8 +118,8 @@ def gelu_grn(u: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.
     partial = torch.empty(batch, splits, c, device=u.device, dtype=torch.float32)
     _sum_squares[lambda meta: (batch, triton.cdiv(c, meta["BLOCK_C"]), splits)](
         u, partial, n, c, ROWS_PER_SPLIT=rows_per_split)
-    g = partial.sum(dim=1).sqrt().to(u.dtype)  # [B, C]: the spatial L2 norm, as vector_norm rounds it
-    scale = grn_scale(g, gamma.reshape(1, c).to(u.dtype)).contiguous()
+    scale = torch.empty(batch, c, device=u.device, dtype=u.dtype)
+    _scale[(batch,)](partial, gamma.reshape(c).to(u.dtype).contiguous(), scale, C=c, SPLITS=splits, BLOCK_C=1024)
     out = torch.empty_like(u)
     _apply[lambda meta: (triton.cdiv(batch * n, meta["BLOCK_R"]), triton.cdiv(c, meta["BLOCK_C"]))](
         u, scale, beta.reshape(c).to(u.dtype).contiguous(), out, n, c, batch * n)

@@ -11,8 +11,8 @@ and compiled in several forms:
   and a GEMM), where the blocks concatenate them to the first Linear's input (one GEMM);
 - stencil_dw: the depthwise 3×3 conv written as nine shifted multiply-adds, which inductor can fuse with
   the bias and the LayerNorm after it into one kernel (cuDNN's conv writes its map, the LN reads it back);
-- grn_triton: the GELU and GRN in two hand-written Triton kernels that read the map along its channels
-  (bench/grn_triton.py);
+- grn_triton: the GELU and GRN in the pack's Triton kernels, which read the map along its channels
+  (wuerstchen_core/kernels.py; performance.fuse_gelu_grn puts them in the pack's own blocks);
 - coordinate_descent: inductor's coordinate-descent tuning of its Triton kernels (block sizes, warps);
 - max_autotune: mode="max-autotune" (Triton GEMM templates, fused prologues/epilogues where they win).
 
@@ -67,14 +67,14 @@ def chain(blocks, inputs):
 def channel_mlp(channelwise, tokens, batch, weight, bias, extra, transposed, grn_triton=False):
     """fc2(GRN(GELU(tokens·weightᵀ + bias [+ extra]))) on [B·N, k] tokens -> [B·N, c]; extra: (e, w) whose
     e·wᵀ the first Linear accumulates. transposed: the hidden map is [4c, B·N]. grn_triton: GELU and GRN
-    in bench/grn_triton.py's kernels."""
+    in wuerstchen_core/kernels.py's kernels."""
     _, gelu, grn, _, fc2 = channelwise
     if not transposed:
         u = F.linear(tokens, weight, bias)
         if extra is not None:
             u = u.addmm_(extra[0], extra[1].t())
         if grn_triton:
-            from grn_triton import gelu_grn  # needs triton: imported only by this form
+            from wuerstchen_core.kernels import gelu_grn  # needs triton: imported only by this form
             return fc2(gelu_grn(u.view(batch, -1, u.shape[-1]), grn.gamma, grn.beta)).flatten(0, 1)
         return fc2(grn(gelu(u.view(batch, -1, 1, u.shape[-1])))).flatten(0, 2)
     u = torch.mm(weight, tokens.t())  # [4c, B·N]; the bias joins the GELU's pass (a row bias has no GEMM epilogue)
@@ -218,8 +218,8 @@ def block_variants(m, step_fns, base, device, log, deadline, timed, first_call_a
             log({k: v for k, v in row.items() if k.startswith(form) or k in ("stage", "unit")})
     rows = [case[0] for case in cases]
     found = dict(units=rows, estimated_ms=estimate(rows, forms))
-    if "grn_triton" in sys.modules:  # the tiles its autotuner picked per shape (what pack code would pin)
-        found["grn_triton_tiles"] = sys.modules["grn_triton"].tuned_tiles()
+    if "wuerstchen_core.kernels" in sys.modules:  # the apply tiles its autotuner picked per shape
+        found["grn_triton_apply_tiles"] = sys.modules["wuerstchen_core.kernels"].apply_tiles()
     return found
 
 

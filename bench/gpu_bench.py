@@ -19,8 +19,9 @@ first run with the compile caches the main run left on disk: what a later launch
 `block_variants` / `step_variants_b8` (bench/block_variants.py: a batch-8 step's repeated units compiled
 in other forms, then whole batch-8 steps in the forms that won; --forms-from reads an earlier
 block_variants run, so the two fit in two device calls; `--chosen-forms` runs `fast_mode_b8` in the forms
-that won), and `fast_mode_b8_fp8` (batch 8 with the Stage B/C Linears multiplied in fp8: the features'
-distance from fp16, eager and fast-mode s/image). `--only fast_mode_b8` skips batch 1's fast-mode compile.
+that won), `fast_mode_b8_fp8` (batch 8 with the Stage B/C Linears multiplied in fp8: the features'
+distance from fp16, eager and fast-mode s/image) and `fast_mode_b8_fused` (batch 8 in fast mode with GELU + GRN
+as the pack's Triton kernels, performance.fuse_gelu_grn). `--only fast_mode_b8` skips batch 1's fast-mode compile.
 Both batch-8 fast-mode rows also record per stage where the device idles (`idle`, bench/timeline.py).
 diffusers is needed only for the "diffusers" rows (test-only reference).
 """
@@ -48,14 +49,14 @@ from wuerstchen_core.models import (  # noqa: E402
     DecoderConfig, PaellaVQGAN, PriorConfig, VQGANConfig, WuerstchenDecoder, WuerstchenPrior)
 from wuerstchen_core.models.vqgan import MixingResidualBlock, ReplicationPad  # noqa: E402
 from wuerstchen_core.performance import (  # noqa: E402
-    GraphedNetwork, capture_cuda_graph, compile_model, on_device, store_linear_weights_in_fp8)
+    GraphedNetwork, capture_cuda_graph, compile_model, fuse_gelu_grn, on_device, store_linear_weights_in_fp8)
 from wuerstchen_core.schedule import stage_c_preset  # noqa: E402
 from wuerstchen_core.text import TextEncoder, load_tokenizer  # noqa: E402
 
 GiB = 2**30
 # experiments: run only when named in --only
 OPT_IN = ("grn_layout", "autotune_b8", "warm_compile", "regional_compile", "block_variants", "step_variants_b8",
-          "fast_mode_b8_fp8")
+          "fast_mode_b8_fp8", "fast_mode_b8_fused")
 PROMPT = "an astronaut riding a horse on the moon, detailed, 8k"
 
 
@@ -544,6 +545,37 @@ def main():
         results["sections"]["fast_mode"] = [row]
         log(row)
         save()
+
+    def head_features(models):
+        """What the output heads of one batch-8 Stage C and Stage B step get (eager models): the heads
+        themselves are zero here (random_init_), so their inputs are where two forms can be compared."""
+        torch.manual_seed(0)  # the same step inputs every time
+        fc, fb = step_fns(models["prior"], models["decoder"], base, 8)
+        return [variants.recorded_inputs([head], step)[0][0].float()
+                for head, step in ((models["prior"].out, fc), (models["decoder"].clf, fb))]
+
+    def rel_diff(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    def batch8_fast(models, **about):
+        """The batch-8 fast-mode row: first run (compile included), s/image, stages, kernels, idle."""
+        t0 = time.perf_counter()
+        ours_generate(models, base, 8)
+        compile_s = time.perf_counter() - t0
+        t = timed(lambda: ours_generate(models, base, 8), device, 2, 0)
+        stages = {}
+        staged_generate(models, base, low_vram=False, stats=stages, batch=8)
+        row = dict(size=base, batch=8, s_per_image=t / 8, first_run_compile_s=compile_s, stages=stages, **about)
+        try:  # the kernels of the whole batch (compiled and graph-replayed: no operator launches them)
+            row["kernels"] = op_breakdown(lambda: ours_generate(models, base, 8), device, top=30, reps=1, kernels=True)
+        except Exception as e:
+            row["kernels"] = failed(e)
+        try:
+            row["idle"] = idle_timeline(models, 8)
+        except Exception as e:
+            row["idle"] = failed(e)
+        return row
+
     if section("fast_mode_b8", 130 if not tiny else 60):
         chosen = None
         if args.chosen_forms:  # use it with --only (a batch-1 fast_mode before would have compiled the pack's form)
@@ -552,43 +584,44 @@ def main():
                       for stage in ("Stage C", "Stage B")}
             log("fast_mode_b8 with the ResBlock forms block_variants chose:", chosen)
         with variants.variant(*chosen.values()) if chosen else contextlib.nullcontext():
-            t0 = time.perf_counter()
-            ours_generate(fast, base, 8)
-            compile_s = time.perf_counter() - t0
-            t = timed(lambda: ours_generate(fast, base, 8), device, 2, 0)
-            stages = {}
-            staged_generate(fast, base, low_vram=False, stats=stages, batch=8)
-            row = dict(size=base, batch=8, s_per_image=t / 8, first_run_compile_s=compile_s, stages=stages,
-                       resblock_forms=chosen)
-            try:  # the kernels of the whole batch (compiled and graph-replayed: no operator launches them)
-                row["kernels"] = op_breakdown(lambda: ours_generate(fast, base, 8), device, top=30, reps=1,
-                                              kernels=True)
-            except Exception as e:
-                row["kernels"] = failed(e)
-            try:
-                row["idle"] = idle_timeline(fast, 8)
-            except Exception as e:
-                row["idle"] = failed(e)
+            row = batch8_fast(fast, resblock_forms=chosen)
         results["sections"].setdefault("fast_mode", []).append(row)
         log(row)
         save()
     fast = None
 
+    # ---- batch 8 in fast mode with each channel MLP's GELU + GRN as the pack's Triton kernels
+    # (performance.fuse_gelu_grn, off by default until this row beats fast_mode_b8's; opt-in)
+    if section("fast_mode_b8_fused", 150 if not tiny else 10):
+        def fused_row():
+            if device.type != "cuda":
+                return "skipped: the Triton kernels need a GPU here (tests/test_kernels.py runs them interpreted)"
+            torch._dynamo.reset()  # fresh compiles: the fusion changes every ResBlock's graph
+            plain_c, plain_b = head_features(m)
+            fuse_gelu_grn(True)
+            try:  # the kernels as built for this GPU against the eager ops, in one eager batch-8 step
+                fused_c, fused_b = head_features(m)
+                agreement = dict(stage_c_features_rel_diff_vs_plain=rel_diff(fused_c, plain_c),
+                                 stage_b_features_rel_diff_vs_plain=rel_diff(fused_b, plain_b))
+                plain_c = plain_b = fused_c = fused_b = None
+                log(agreement)
+                fused = dict(m, prior=compile_model(m["prior"], True), decoder=compile_model(m["decoder"], True))
+                row = batch8_fast(fused, fused_gelu_grn=True, **agreement)
+                from wuerstchen_core import kernels  # needs triton: imported on the GPU only
+                row["apply_tiles"] = kernels.apply_tiles()
+                return row
+            finally:
+                fuse_gelu_grn(False)
+        record("fast_mode_b8_fused", fused_row)
+        log(results["sections"]["fast_mode_b8_fused"])
+
     # ---- batch 8 with the Stage B/C Linears multiplied in fp8 (fp8_e4m3fn_fast; lossy, opt-in): fresh fp8 copies
     # of the same weights, eager and in fast mode, and how far one batch-8 step's features are from the fp16 pack's
     if section("fast_mode_b8_fp8", 170 if not tiny else 60):
         fp8 = with_fp8_networks(matmul=True)
-
-        def features(models):  # the networks' output heads are zero here (random_init_), so compare what they get
-            torch.manual_seed(0)  # the same step inputs for both
-            fc, fb = step_fns(models["prior"], models["decoder"], base, 8)
-            return [variants.recorded_inputs([head], step)[0][0].float()
-                    for head, step in ((models["prior"].out, fc), (models["decoder"].clf, fb))]
-
-        (c16, b16), (c8, b8) = features(m), features(fp8)
+        (c16, b16), (c8, b8) = head_features(m), head_features(fp8)
         row = dict(size=base, batch=8, eager_s_per_image=timed(lambda: ours_generate(fp8, base, 8), device, 1, 0) / 8,
-                   stage_c_features_rel_diff_vs_fp16=((c8 - c16).abs().max() / c16.abs().max()).item(),
-                   stage_b_features_rel_diff_vs_fp16=((b8 - b16).abs().max() / b16.abs().max()).item())
+                   stage_c_features_rel_diff_vs_fp16=rel_diff(c8, c16), stage_b_features_rel_diff_vs_fp16=rel_diff(b8, b16))
         c16 = c8 = b16 = b8 = None
         fast = dict(fp8, prior=compile_model(fp8["prior"], device.type == "cuda"),
                     decoder=compile_model(fp8["decoder"], device.type == "cuda"))

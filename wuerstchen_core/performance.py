@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import WuerstchenError
+from .models.common import ChannelMLP
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
@@ -85,6 +86,22 @@ def store_linear_weights_in_fp8(model: nn.Module, matmul: bool = False) -> nn.Mo
         if type(module) is Fp8Linear:
             module.fp8_matmul = matmul
     return model
+
+
+def fuse_gelu_grn(enabled: bool = True, device_types: Sequence[str] = ("cuda",)) -> None:
+    """Run the Stage B/C channel MLPs' GELU + GRN as kernels.gelu_grn (three Triton kernels) on tensors of
+    `device_types`, in every network, eager and compiled; enabled=False restores the plain modules.
+    Off by default: the kernels are an experiment until a GPU run shows them faster than fast mode's
+    compiled ops (docs/benchmarks.md). The CPU runs them only in Triton's interpreter."""
+    if not enabled:
+        ChannelMLP.fused_gelu_grn.clear()
+        return
+    try:
+        from .kernels import gelu_grn
+    except ImportError as e:
+        raise WuerstchenError(f"The fused GELU + GRN kernels need triton ({e}); expected a torch build that brings "
+                              "triton (the CUDA builds on Linux do), or leave the fusion off.") from None
+    ChannelMLP.fused_gelu_grn.update(dict.fromkeys(device_types, gelu_grn))
 
 
 @contextlib.contextmanager

@@ -86,11 +86,25 @@ class GELU(nn.GELU):
         return torch.ops.aten.gelu_(x) if _may_overwrite() else super().forward(x)
 
 
-def channelwise_mlp(c_in, c):
-    """Linear(c_in->4c) -> GELU -> GRN -> (dropout slot) -> Linear(4c->c), on NHWC tokens; the GELU
-    and GRN work in place on the Linear's output at inference."""
-    h = c * 4
-    return nn.Sequential(nn.Linear(c_in, h), GELU(), GlobalResponseNorm(h), nn.Identity(), nn.Linear(h, c))
+class ChannelMLP(nn.Sequential):
+    """Linear(c_in->4c) -> GELU -> GRN -> (dropout slot) -> Linear(4c->c), on NHWC tokens [B,H,W,c_in].
+
+    The GELU and GRN work in place on the Linear's output at inference, or run as one kernel where
+    `fused_gelu_grn` holds one for the tensor's device type (performance.fuse_gelu_grn)."""
+
+    fused_gelu_grn: dict = {}  # device type -> fn(u [B,N,C], gamma, beta) -> GRN(GELU(u)); shared by all
+
+    def __init__(self, c_in, c):
+        h = c * 4
+        super().__init__(nn.Linear(c_in, h), GELU(), GlobalResponseNorm(h), nn.Identity(), nn.Linear(h, c))
+
+    def forward(self, x):
+        fc1, gelu, grn, _, fc2 = self
+        u = fc1(x)
+        kernel = self.fused_gelu_grn.get(u.device.type)
+        if kernel is None:
+            return fc2(grn(gelu(u)))
+        return fc2(kernel(u.flatten(1, -2), grn.gamma, grn.beta).view(u.shape))
 
 
 class TimestepBlock(nn.Module):
@@ -139,7 +153,7 @@ class ResBlock(nn.Module):
     def __init__(self, c, kernel_size=3):
         super().__init__()
         self.depthwise = nn.Conv2d(c, c, kernel_size, padding=kernel_size // 2, groups=c)
-        self.channelwise = channelwise_mlp(c, c)
+        self.channelwise = ChannelMLP(c, c)
 
     def forward(self, x):
         h = F.layer_norm(self.depthwise(x).permute(0, 2, 3, 1), x.shape[1:2], eps=LN_EPS)
@@ -153,7 +167,7 @@ class ResBlockStageB(nn.Module):
     def __init__(self, c, c_skip=0, kernel_size=3):
         super().__init__()
         self.depthwise = nn.Conv2d(c, c, kernel_size, padding=kernel_size // 2, groups=c)
-        self.channelwise = channelwise_mlp(c + c_skip, c)
+        self.channelwise = ChannelMLP(c + c_skip, c)
         self.effnet_folded = False  # see fold_effnet
 
     def fold_effnet(self, mapper: nn.Conv2d) -> None:

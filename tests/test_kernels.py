@@ -151,26 +151,28 @@ from wuerstchen_core import kernels
 hopper = GPUTarget("cuda", 90, 32)
 fixed = triton.Config({}, num_warps=4)
 # each kernel's runtime arguments, all marked divisible by 16 as a launch on aligned tensors with such sizes
-# specialises them; its compile-time arguments; the tiles it may run with
-builds = [
-    (kernels._sum_squares, {"u_ptr": "*fp16", "part_ptr": "*fp32", "N": "i32", "C": "i32"},
-     {"ROWS_PER_SPLIT": 1280, "BLOCK_N": kernels.REDUCE_ROWS, "BLOCK_C": kernels.REDUCE_CHANNELS}, [fixed]),
-    (kernels._scale, {"part_ptr": "*fp32", "gamma_ptr": "*fp16", "scale_ptr": "*fp16"},
-     {"C": 6144, "SPLITS": 2, "BLOCK_C": kernels.SCALE_CHANNELS}, [fixed]),
-    (kernels._apply.fn, {"u_ptr": "*fp16", "scale_ptr": "*fp16", "beta_ptr": "*fp16", "out_ptr": "*fp16",
-                         "N": "i32", "C": "i32", "R": "i32"}, {}, kernels._apply.configs),
-]
+# specialises them; its compile-time arguments; the tiles it may run with (in fp16 and bf16 models)
 assert len(kernels._apply.configs) > 1, "outside the interpreter the apply pass has tiles to choose from"
-for fn, args, constants, tiles in builds:
-    for tile in tiles:
-        constexprs = {**constants, **tile.kwargs}
-        source = ASTSource(fn=fn, signature={**args, **{name: "constexpr" for name in constexprs}},
-                           constexprs=constexprs, attrs={(i,): [["tt.divisibility", 16]] for i in range(len(args))})
-        ptx = triton.compile(source, target=hopper, options=dict(num_warps=tile.num_warps)).asm["ptx"]
-        loads = set(re.findall(r"ld[.]global[.]\\S*", ptx))
-        assert "ld.global.v4.b32" in loads, (fn, tile, loads)  # 16-byte loads
-        if fn is kernels._sum_squares:  # the map itself: nothing narrower
-            assert loads == {"ld.global.v4.b32"}, loads
+for half in ("fp16", "bf16"):
+    builds = [
+        (kernels._sum_squares, {"u_ptr": "*" + half, "part_ptr": "*fp32", "N": "i32", "C": "i32"},
+         {"ROWS_PER_SPLIT": 1280, "BLOCK_N": kernels.REDUCE_ROWS, "BLOCK_C": kernels.REDUCE_CHANNELS}, [fixed]),
+        (kernels._scale, {"part_ptr": "*fp32", "gamma_ptr": "*" + half, "scale_ptr": "*" + half},
+         {"C": 6144, "SPLITS": 2, "BLOCK_C": kernels.SCALE_CHANNELS}, [fixed]),
+        (kernels._apply.fn, {"u_ptr": "*" + half, "scale_ptr": "*" + half, "beta_ptr": "*" + half,
+                             "out_ptr": "*" + half, "N": "i32", "C": "i32", "R": "i32"}, {}, kernels._apply.configs),
+    ]
+    for fn, args, constants, tiles in builds:
+        for tile in tiles:
+            constexprs = {**constants, **tile.kwargs}
+            source = ASTSource(fn=fn, signature={**args, **{name: "constexpr" for name in constexprs}},
+                               constexprs=constexprs,
+                               attrs={(i,): [["tt.divisibility", 16]] for i in range(len(args))})
+            ptx = triton.compile(source, target=hopper, options=dict(num_warps=tile.num_warps)).asm["ptx"]
+            loads = set(re.findall(r"ld[.]global[.]\\S*", ptx))
+            assert "ld.global.v4.b32" in loads, (half, fn, tile, loads)  # 16-byte loads
+            if fn is kernels._sum_squares:  # the map itself: nothing narrower
+                assert loads == {"ld.global.v4.b32"}, (half, loads)
 print("hopper build ok")
 """
 

@@ -598,15 +598,18 @@ def main():
                 return "skipped: the Triton kernels need a GPU here (tests/test_kernels.py runs them interpreted)"
             torch._dynamo.reset()  # fresh compiles: the fusion changes every ResBlock's graph
             plain_c, plain_b = head_features(m)
+            eager_plain = timed(lambda: ours_generate(m, base, 1), device, 3, 1)
             fuse_gelu_grn(True)
             try:  # the kernels as built for this GPU against the eager ops, in one eager batch-8 step
                 fused_c, fused_b = head_features(m)
-                agreement = dict(stage_c_features_rel_diff_vs_plain=rel_diff(fused_c, plain_c),
-                                 stage_b_features_rel_diff_vs_plain=rel_diff(fused_b, plain_b))
+                about = dict(stage_c_features_rel_diff_vs_plain=rel_diff(fused_c, plain_c),
+                             stage_b_features_rel_diff_vs_plain=rel_diff(fused_b, plain_b),
+                             eager_b1_s_plain=eager_plain,  # eager mode is launch-bound: 3 kernels instead of 7
+                             eager_b1_s_fused=timed(lambda: ours_generate(m, base, 1), device, 3, 1))
                 plain_c = plain_b = fused_c = fused_b = None
-                log(agreement)
+                log(about)
                 fused = dict(m, prior=compile_model(m["prior"], True), decoder=compile_model(m["decoder"], True))
-                row = batch8_fast(fused, fused_gelu_grn=True, **agreement)
+                row = batch8_fast(fused, fused_gelu_grn=True, **about)
                 from wuerstchen_core import kernels  # needs triton: imported on the GPU only
                 row["apply_tiles"] = kernels.apply_tiles()
                 return row

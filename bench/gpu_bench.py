@@ -623,21 +623,15 @@ def main():
     if section("fast_mode_b8_fp8", 170 if not tiny else 60):
         fp8 = with_fp8_networks(matmul=True)
         (c16, b16), (c8, b8) = head_features(m), head_features(fp8)
-        row = dict(size=base, batch=8, eager_s_per_image=timed(lambda: ours_generate(fp8, base, 8), device, 1, 0) / 8,
-                   stage_c_features_rel_diff_vs_fp16=rel_diff(c8, c16), stage_b_features_rel_diff_vs_fp16=rel_diff(b8, b16))
+        about = dict(eager_s_per_image=timed(lambda: ours_generate(fp8, base, 8), device, 1, 0) / 8,
+                     stage_c_features_rel_diff_vs_fp16=rel_diff(c8, c16), stage_b_features_rel_diff_vs_fp16=rel_diff(b8, b16))
         c16 = c8 = b16 = b8 = None
         fast = dict(fp8, prior=compile_model(fp8["prior"], device.type == "cuda"),
                     decoder=compile_model(fp8["decoder"], device.type == "cuda"))
         try:
-            t0 = time.perf_counter()
-            ours_generate(fast, base, 8)
-            row["first_run_compile_s"] = time.perf_counter() - t0
-            row["s_per_image"] = timed(lambda: ours_generate(fast, base, 8), device, 2, 0) / 8
-            row["stages"] = {}
-            staged_generate(fast, base, low_vram=False, stats=row["stages"], batch=8)
-            row["idle"] = idle_timeline(fast, 8)
+            row = batch8_fast(fast, **about)
         except Exception as e:  # an fp8 matmul the compiler or the GPU refuses is a finding
-            row["fast_mode"] = failed(e)
+            row = dict(size=base, batch=8, fast_mode=failed(e), **about)
         results["sections"]["fast_mode_b8_fp8"] = row
         log(row)
         fast = fp8 = None

@@ -1,7 +1,9 @@
 """Speed and memory options that do not change the networks: fp8 weight storage, stage-at-a-time
-offloading, compiled (static-shape, CUDA-graph) forwards and eager forwards replayed from CUDA graphs.
+offloading, compiled (static-shape, CUDA-graph) forwards, eager forwards replayed from CUDA graphs, and
+GELU + GRN as Triton kernels.
 
-None of these is on by default; the CLI and the nodes expose each as an option.
+None of these is on by default; the CLI and the nodes expose each as an option, except the GELU + GRN
+fusion (fuse_gelu_grn), an experiment until a GPU run measures it.
 """
 
 import contextlib

@@ -167,6 +167,12 @@ def ours_generate(m, size, batch, seed=0, prior_steps=None, decoder_steps=12, ti
                        tile=tile)
 
 
+def fast_mode_models(m, device):
+    """`m` with its networks as fast mode runs them: Stage B/C compiled (CUDA graphs on a GPU), Stage A's
+    blocks compiled (performance.CompiledVQGAN)."""
+    return dict(m, **{k: compile_model(m[k], device.type == "cuda") for k in ("prior", "decoder", "vqgan")})
+
+
 def diffusers_pipelines(m, cfgs, device, dtype):
     from diffusers import DDPMWuerstchenScheduler
     from diffusers.pipelines.deprecated.wuerstchen import (
@@ -530,8 +536,7 @@ def main():
             if isinstance(found, dict) else "skipped: no block_variants results (this run's or --forms-from)")
 
     # ---- fast mode (compiled, CUDA graphs); batch 8 is its own section (`--only fast_mode_b8` skips batch 1's compile)
-    fast = dict(m, prior=compile_model(m["prior"], device.type == "cuda"),
-                decoder=compile_model(m["decoder"], device.type == "cuda"))
+    fast = fast_mode_models(m, device)
     if section("fast_mode", 170 if not tiny else 60):
         t0 = time.perf_counter()
         ours_generate(fast, base, 1)
@@ -566,6 +571,10 @@ def main():
         stages = {}
         staged_generate(models, base, low_vram=False, stats=stages, batch=8)
         row = dict(size=base, batch=8, s_per_image=t / 8, first_run_compile_s=compile_s, stages=stages, **about)
+        latent_b = torch.randn(8, dc.c_in, *wp.stage_b_grid(*wp.stage_c_grid(base, base)), device=device, dtype=dtype)
+        row["stage_a_s"] = {name: timed(lambda: wp.decode_stage_a(vqgan, latent_b), device, 3, 1)  # same run, A/B
+                            for name, vqgan in (("eager", m["vqgan"]), ("fast", models["vqgan"]))}
+        latent_b = None
         try:  # the kernels of the whole batch (compiled and graph-replayed: no operator launches them)
             row["kernels"] = op_breakdown(lambda: ours_generate(models, base, 8), device, top=30, reps=1, kernels=True)
         except Exception as e:
@@ -608,7 +617,7 @@ def main():
                              eager_b1_s_fused=timed(lambda: ours_generate(m, base, 1), device, 3, 1))
                 plain_c = plain_b = fused_c = fused_b = None
                 log(about)
-                fused = dict(m, prior=compile_model(m["prior"], True), decoder=compile_model(m["decoder"], True))
+                fused = fast_mode_models(m, device)
                 row = batch8_fast(fused, fused_gelu_grn=True, **about)
                 from wuerstchen_core import kernels  # needs triton: imported on the GPU only
                 row["apply_tiles"] = kernels.apply_tiles()
@@ -626,8 +635,7 @@ def main():
         about = dict(eager_s_per_image=timed(lambda: ours_generate(fp8, base, 8), device, 1, 0) / 8,
                      stage_c_features_rel_diff_vs_fp16=rel_diff(c8, c16), stage_b_features_rel_diff_vs_fp16=rel_diff(b8, b16))
         c16 = c8 = b16 = b8 = None
-        fast = dict(fp8, prior=compile_model(fp8["prior"], device.type == "cuda"),
-                    decoder=compile_model(fp8["decoder"], device.type == "cuda"))
+        fast = fast_mode_models(fp8, device)
         try:
             row = batch8_fast(fast, **about)
         except Exception as e:  # an fp8 matmul the compiler or the GPU refuses is a finding
@@ -755,8 +763,7 @@ def main():
     # process after the main run (opt-in, like the experiments around it).
     if section("warm_compile", 60 if not tiny else 30):
         torch._dynamo.reset()  # this process's compiled code: forget it, keep the disk caches
-        fast = dict(m, prior=compile_model(m["prior"], device.type == "cuda"),
-                    decoder=compile_model(m["decoder"], device.type == "cuda"))
+        fast = fast_mode_models(m, device)
         t0 = time.perf_counter()
         ours_generate(fast, base, 1)
         sync(device)
@@ -778,7 +785,7 @@ def main():
     per_shape_s = 110 if not tiny else 15  # a compile and the timings, on the H200 (run 7)
     if section("fast_sweep", per_shape_s):  # it stops before a shape that would overrun
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-        setattr(torch._dynamo.config, limit, 64)  # every shape is a recompile; past the limit torch runs eager
+        setattr(torch._dynamo.config, limit, 64)  # every shape is a recompile; past the limit a fullgraph compile fails
         net_c, net_b = (compile_model(m[k], device.type == "cuda") for k in ("prior", "decoder"))
         rows = []
         for size, batch in [(base, 2), (base, 4), (sizes[1], 1), (sizes[2], 1)]:

@@ -66,7 +66,7 @@ def _stage_b_and_save(g, m, p, stage_c, prefix, seed=42, **extra):
     b = g.add("WuerstchenStageBSampler", decoder=m["decoder"](), positive=p["pos_b"](), negative=p["neg_b"](),
               stage_c=stage_c, seed=seed, steps=12, cfg=0.0, sampler="ddpm", denoise=1.0, fast_mode=False,
               cuda_graphs=False, vqgan_for_preview=m["vqgan"](), **extra)
-    image = g.add("WuerstchenStageADecode", vqgan=m["vqgan"](), samples=b(), tile_size=1024)
+    image = g.add("WuerstchenStageADecode", vqgan=m["vqgan"](), samples=b(), tile_size=1024, fast_mode=False)
     g.add("SaveImage", images=image(), filename_prefix=prefix)
 
 

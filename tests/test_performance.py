@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from nodes import conditioning, latents, loaders, sampling
+from nodes import conditioning, image, latents, loaders, sampling
 from nodes.host import StandaloneHost
 from tests.helpers.tiny_models import tiny_decoder, tiny_prior
 from tests.helpers.tiny_pack import FILES, write_tiny_models
@@ -224,6 +224,55 @@ def test_sampler_fast_mode_compiles_once_and_matches_eager(models_dir, monkeypat
     assert calls == [{"cuda_graphs": False}]  # compiled once, kept with the loaded model
     assert torch.equal(fast, fast_again)
     assert (fast - eager).abs().max() <= 1e-3 * eager.abs().max()  # inductor fuses and reorders float sums
+
+
+def test_stage_a_fast_mode_compiles_one_graph_per_block_shape_and_matches_eager(models_dir, monkeypatch):
+    """The Stage A Decode node's fast_mode: the VQGAN's blocks run through one inductor-compiled function
+    (kept with the loaded model), shared by the identical bottleneck blocks, and its banded channel mixing
+    (the compile-only cat form) decodes what the eager out= bands decode."""
+    from torch._dynamo.utils import counters
+
+    from wuerstchen_core.models.vqgan import MixingResidualBlock
+
+    host = StandaloneHost(str(models_dir), on_progress=lambda *a: None)
+    vqgan = loaders.LOAD_VQGAN.execute(host, FILES["vqgan"], "fp32")[0]
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    samples = latents.make_latent(z, "B", host)
+    monkeypatch.setattr(MixingResidualBlock, "MAX_TOKENS", 128)  # bands of 4 rows at the 32 px level, 8 at 16 px
+    calls = []
+    real = performance.compile_model
+    monkeypatch.setattr(performance, "compile_model", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+
+    eager = image.STAGE_A_DECODE.execute(host, vqgan, samples, 0, fast_mode=False)[0]
+    assert calls == [] and vqgan.compiled is None
+    torch._dynamo.reset()
+    counters.clear()
+    fast = image.STAGE_A_DECODE.execute(host, vqgan, samples, 0, fast_mode=True)[0]
+    fast_again = image.STAGE_A_DECODE.execute(host, vqgan, samples, 0, fast_mode=True)[0]
+    blocks = [b for b in vqgan.model.up_blocks if isinstance(b, MixingResidualBlock)]
+    assert len(blocks) == 3 and calls == [vqgan.model]  # compiled once, kept with the loaded model
+    assert isinstance(vqgan.compiled, performance.CompiledVQGAN)
+    assert counters["stats"]["unique_graphs"] == 2  # one per block shape: the two bottleneck blocks share one
+    assert torch.equal(fast, fast_again)
+    assert (fast - eager).abs().max() <= 1e-5  # images in 0..1; inductor fuses and reorders float sums
+
+
+def test_fast_mode_compiles_past_dynamos_shape_limit_then_says_when_it_stops(monkeypatch):
+    """Every new image size or batch is one more compile of the same forward; with fullgraph=True dynamo's
+    default limit (8 per function) would end fast mode with a bare FailOnRecompileLimitHit at the ninth."""
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    default = getattr(torch._dynamo.config, limit)
+    double = torch.compile(lambda x: x * 2, fullgraph=True, dynamic=False, backend="eager")
+    with performance.compile_errors("Würstchen Stage C Sampler"):
+        for n in range(1, default + 3):
+            assert torch.equal(double(torch.ones(n)), torch.full((n,), 2.0))
+    assert getattr(torch._dynamo.config, limit) == default  # the host's setting, back after the block
+    monkeypatch.setattr(performance, "FAST_MODE_SHAPES", default + 4)
+    with pytest.raises(WuerstchenError, match=f"^Würstchen Stage C Sampler: fast mode has compiled this network for "
+                                              f"{default + 4} image sizes and batches in this session"):
+        with performance.compile_errors("Würstchen Stage C Sampler"):
+            for n in range(default + 3, default + 8):
+                double(torch.ones(n))
 
 
 def test_a_failing_compile_is_one_clear_error_naming_the_node(models_dir, monkeypatch):

@@ -115,9 +115,12 @@ def test_ui_format_round_trip_and_file_runner(host, tmp_path, models_dir):
     api = small_workflow()
     ui = api_to_ui(api, SPECS, "small")
     back = ui_to_api(ui, SPECS)
-    defaults = {"fast_mode": False, "cuda_graphs": False}  # optional widgets absent from the API workflow: defaults
+    # optional widgets absent from the API workflow: defaults
+    defaults = {"WuerstchenStageCSampler": {"fast_mode": False, "cuda_graphs": False},
+                "WuerstchenStageBSampler": {"fast_mode": False, "cuda_graphs": False},
+                "WuerstchenStageADecode": {"fast_mode": False}}
     assert {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in back.items()} == \
-        {k: {**v, "inputs": v["inputs"] | (defaults if "Sampler" in v["class_type"] else {})} for k, v in api.items()}
+        {k: {**v, "inputs": v["inputs"] | defaults.get(v["class_type"], {})} for k, v in api.items()}
     sampler = next(n for n in ui["nodes"] if n["type"] == "WuerstchenStageCSampler")
     assert sampler["widgets_values"] == [3, "fixed", 1, 4.0, "ddim", 1.0, False, False]  # control_after_generate after seed
     path = tmp_path / "wf.json"
@@ -132,7 +135,10 @@ def test_ui_format_errors_name_the_node():
     short = copy.deepcopy(ui)
     values = next(n for n in short["nodes"] if n["id"] == 9)["widgets_values"]
     del values[-2:]  # fast_mode and cuda_graphs, added after the first release: without them the defaults apply
+    decode = next(n for n in short["nodes"] if n["type"] == "WuerstchenStageADecode")["widgets_values"]
+    del decode[-1]  # Stage A Decode's fast_mode, added later still
     assert not {"fast_mode", "cuda_graphs"} & set(ui_to_api(short, SPECS)["9"]["inputs"])
+    assert "fast_mode" not in ui_to_api(short, SPECS)["11"]["inputs"]
     del values[-1]
     with pytest.raises(WorkflowError, match=r"Node 9 \(WuerstchenStageCSampler\): widgets_values has 5 entries, "
                                             r"expected 8 \(no value for 'denoise'\)"):

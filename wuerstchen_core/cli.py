@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tile", type=_positive, help="decode Stage A in latent tiles of this size (e.g. 128 above 2048 px)")
     speed = g.add_mutually_exclusive_group()
     speed.add_argument("--fast", action="store_true",
-                       help="compile Stage B and C (torch.compile; CUDA graphs on a GPU): the first run compiles for "
-                            "90–120 s on an H200, and each new size or batch compiles again")
+                       help="compile Stage B and C (torch.compile; CUDA graphs on a GPU) and Stage A's blocks: the "
+                            "first run compiles for 90–120 s on an H200, and each new size or batch compiles again")
     speed.add_argument("--cuda-graphs", action="store_true",
                        help="replay Stage B and C's eager steps from CUDA graphs (CUDA only): most of --fast's gain "
                             "at small batches, captured with three eager steps per size and batch instead of compiled")
@@ -214,7 +214,7 @@ def generate(args) -> int:
         prior, decoder = (performance.store_linear_weights_in_fp8(m, matmul=args.fp8_fast) for m in (prior, decoder))
     if args.fast:  # CUDA graphs keep weight addresses: not with --low-vram, which re-uploads every image
         graphs = device == "cuda" and not args.low_vram
-        prior, decoder = (performance.compile_model(m, cuda_graphs=graphs) for m in (prior, decoder))
+        prior, decoder, vqgan = (performance.compile_model(m, cuda_graphs=graphs) for m in (prior, decoder, vqgan))
     if args.cuda_graphs:  # with --low-vram each image re-uploads the weights and so captures anew
         prior, decoder = performance.GraphedNetwork(prior), performance.GraphedNetwork(decoder)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)

@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import WuerstchenError
 from .models.common import ChannelMLP
+from .models.vqgan import PaellaVQGAN
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
@@ -174,18 +175,27 @@ def restore_slots(slots, data) -> None:
         table[name] = t
 
 
+FAST_MODE_SHAPES = 64  # compiled input shapes per network and process (dynamo's own limit: 8)
+
+
 @contextlib.contextmanager
 def compile_errors(where: str, enabled: bool = True):
-    """Turn a torch.compile failure inside the block (it surfaces at the first call of a compiled
-    model) into one clear WuerstchenError naming `where`. enabled=False: a plain block."""
+    """The block fast-mode models run in: a torch.compile failure inside it (it surfaces at the first call
+    of a compiled model) becomes one clear WuerstchenError naming `where`, and each network may compile
+    up to FAST_MODE_SHAPES input shapes (every new size or batch is one more; past dynamo's default of 8 a
+    fullgraph compile fails outright). enabled=False: a plain block."""
     if not enabled:
         yield
         return
+    from torch._dynamo import exc
+
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    shapes = max(FAST_MODE_SHAPES, getattr(torch._dynamo.config, limit))
     try:
-        yield
+        with torch._dynamo.config.patch({limit: shapes}):
+            yield
     except RuntimeError as e:
-        from torch._dynamo.exc import TorchDynamoException
-        if not isinstance(e, TorchDynamoException):
+        if not isinstance(e, exc.TorchDynamoException):
             raise
         cause = getattr(e, "inner_exception", None) or e  # what the compiler backend raised
         lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
@@ -193,6 +203,10 @@ def compile_errors(where: str, enabled: bool = True):
         raise WuerstchenError(f"{where}: fast mode could not compile the network with torch.compile ({found}); "
                               "expected a working torch.compile (Triton on NVIDIA GPUs, a C++ compiler on the CPU), "
                               "or turn fast mode off.") from None
+    except getattr(exc, "FailOnRecompileLimitHit", ()):  # not a RuntimeError
+        raise WuerstchenError(f"{where}: fast mode has compiled this network for {shapes} image sizes and "
+                              "batches in this session, the most it keeps; expected fewer different sizes, or "
+                              "restart to compile anew, or turn fast mode off.") from None
 
 
 def compile_model(model: nn.Module, cuda_graphs: bool = True) -> nn.Module:
@@ -201,9 +215,49 @@ def compile_model(model: nn.Module, cuda_graphs: bool = True) -> nn.Module:
     On CUDA "reduce-overhead" also captures CUDA graphs, which removes the per-kernel launch cost
     that dominates small latents (a 24×24 Stage C grid). Each new batch/size compiles once more.
     Returns a module with the same state dict keys (torch.compile wraps, it does not copy weights).
+    The Stage A VQGAN becomes a CompiledVQGAN instead (its decode's blocks compiled; no CUDA graphs).
     """
+    if isinstance(model, PaellaVQGAN):
+        return CompiledVQGAN(model)
     mode = "reduce-overhead" if cuda_graphs else "default"
     return torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
+
+
+class _Wrapper(nn.Module):
+    """A module around `model` that answers for it: cfg, condition(), decode()... of the wrapped network."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":  # not set yet (copy, unpickling): no recursion
+                raise
+            return getattr(self.model, name)
+
+
+class CompiledVQGAN(_Wrapper):
+    """Stage A in fast mode: decode() runs each MixingResidualBlock through one compiled function
+    (torch.compile per block, "regional"): the 12 bottleneck blocks share one compile per shape, so a
+    size compiles two block graphs instead of the whole network. Compiled, a block's LayerNorms,
+    modulations, padding and residual updates fuse into a few kernels; eager, each is a pass over the
+    map (Stage A at batch 8 ran its LayerNorms at ≈ 0.9 TB/s on an H200, docs/benchmarks.md). No CUDA
+    graphs: a decode runs once per image and is not launch-bound. Encoding stays eager."""
+
+    def decode(self, latent):
+        return self.model.decode(latent, run_block=_compiled_block())
+
+
+def _run_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return block(x)
+
+
+@functools.cache
+def _compiled_block():
+    return torch.compile(_run_block, fullgraph=True, dynamic=False)
 
 
 @dataclass
@@ -217,7 +271,7 @@ class _Captured:
     run: int = -1  # the sampling run whose conditioning `leaves` hold
 
 
-class GraphedNetwork(nn.Module):
+class GraphedNetwork(_Wrapper):
     """Stage B or C whose sampling step is replayed from a CUDA graph: the eager kernels are captured
     once per input shape and replayed at every later step, removing the per-kernel launch cost that
     bounds an eager step at small batches, without torch.compile's compile of a minute and more per
@@ -231,20 +285,12 @@ class GraphedNetwork(nn.Module):
     """
 
     def __init__(self, model: nn.Module, max_graphs: int = 4):
-        super().__init__()
-        self.model, self.max_graphs = model, max_graphs
+        super().__init__(model)
+        self.max_graphs = max_graphs
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         # the current run's conditioning (held until the next run starts), its tensors and signature
         self._cond, self._leaves, self._cond_key, self._run, self._weights = None, [], None, 0, None
         self._pool = None
-
-    def __getattr__(self, name):  # cfg, condition(), conditioning_layers... of the wrapped network
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":  # not set yet (copy, unpickling): no recursion
-                raise
-            return getattr(self.model, name)
 
     def forward(self, x, r, *args, cond=None, **kwargs):
         if cond is None or args or kwargs or x.device.type not in GRAPH_DEVICES or torch.is_grad_enabled():

@@ -107,6 +107,10 @@ class MixingResidualBlock(nn.Module):
         rows = max(1, self.MAX_TOKENS // x.shape[-1])
         if x.shape[-2] <= rows:
             return self._mix_channels(nhwc).permute(0, 3, 1, 2)
+        if torch.compiler.is_compiling():  # the compiler would copy the whole map per out= band; a cat it
+            b, h, w, c = nhwc.shape        # writes in place (each band's last op stores into its slice)
+            bands = [self._mix_channels(nhwc[i, top:top + rows]) for i in range(b) for top in range(0, h, rows)]
+            return torch.cat(bands).view(b, h, w, c).permute(0, 3, 1, 2)
         out = torch.empty_like(nhwc)
         for b in range(x.shape[0]):
             for top in range(0, x.shape[-2], rows):
@@ -147,7 +151,10 @@ class PaellaVQGAN(nn.Module):
         h = self.in_block(img.contiguous(memory_format=torch.channels_last))  # see MixingResidualBlock
         return self.down_blocks(h).contiguous() / self.cfg.scale_factor
 
-    def decode(self, latent):
-        """Stage B latent -> image, roughly in [0,1] but not clamped (the caller clamps)."""
+    def decode(self, latent, run_block=None):
+        """Stage B latent -> image, roughly in [0,1] but not clamped (the caller clamps).
+        run_block(block, x), when given, runs each MixingResidualBlock (fast mode's compiled blocks)."""
         h = (latent * self.cfg.scale_factor).contiguous(memory_format=torch.channels_last)
-        return self.out_block(self.up_blocks(h)).contiguous()
+        for layer in self.up_blocks:
+            h = run_block(layer, h) if run_block is not None and isinstance(layer, MixingResidualBlock) else layer(h)
+        return self.out_block(h).contiguous()

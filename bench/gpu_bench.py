@@ -22,7 +22,10 @@ block_variants run, so the two fit in two device calls; `--chosen-forms` runs `f
 that won), `fast_mode_b8_fp8` (batch 8 with the Stage B/C Linears multiplied in fp8: the features'
 distance from fp16, eager and fast-mode s/image) and `fast_mode_b8_fused` (batch 8 in fast mode with GELU + GRN
 as the pack's Triton kernels, performance.fuse_gelu_grn). `--only fast_mode_b8` skips batch 1's fast-mode compile.
-Both batch-8 fast-mode rows also record per stage where the device idles (`idle`, bench/timeline.py).
+Both batch-8 fast-mode rows also record per stage where the device idles (`idle`, bench/timeline.py)
+and Stage A alone at batch 8, eager and as fast mode compiles it (`stage_a_s`). Fast mode compiles
+Stage A's blocks too (performance.CompiledVQGAN); should that fail, a fast-mode row is measured again
+with Stage A eager and records the failure (`stage_a_compiled`).
 diffusers is needed only for the "diffusers" rows (test-only reference).
 """
 
@@ -536,17 +539,30 @@ def main():
             if isinstance(found, dict) else "skipped: no block_variants results (this run's or --forms-from)")
 
     # ---- fast mode (compiled, CUDA graphs); batch 8 is its own section (`--only fast_mode_b8` skips batch 1's compile)
-    fast = fast_mode_models(m, device)
-    if section("fast_mode", 170 if not tiny else 60):
+    def stage_a_fallback(row_of, models):
+        """row_of(models); should fast mode's compiled Stage A fail (a finding), the row again with Stage A
+        eager, the failure recorded, so that the Stage B/C figures still come out of the run."""
+        try:
+            return row_of(models)
+        except Exception as e:
+            log("fast mode with Stage A compiled failed; again with Stage A eager:", failed(e))
+            return dict(row_of(dict(models, vqgan=m["vqgan"])), stage_a_compiled=failed(e))
+
+    def batch1_fast(models):
         t0 = time.perf_counter()
-        ours_generate(fast, base, 1)
+        ours_generate(models, base, 1)
         compile_s = time.perf_counter() - t0
-        t = timed(lambda: ours_generate(fast, base, 1), device, 3, 1)
-        fc, fb = step_fns(fast["prior"], fast["decoder"], base, 1)
+        t = timed(lambda: ours_generate(models, base, 1), device, 3, 1)
+        fc, fb = step_fns(models["prior"], models["decoder"], base, 1)
         with torch.no_grad():
             row = dict(size=base, batch=1, s_per_image=t, first_run_compile_s=compile_s,
                        c_ms=timed(fc, device, 10, 2) * 1e3, b_ms=timed(fb, device, 10, 2) * 1e3, stages={})
-        staged_generate(fast, base, low_vram=False, stats=row["stages"])  # where the time goes
+        staged_generate(models, base, low_vram=False, stats=row["stages"])  # where the time goes
+        return row
+
+    fast = fast_mode_models(m, device)
+    if section("fast_mode", 170 if not tiny else 60):
+        row = stage_a_fallback(batch1_fast, fast)
         results["sections"]["fast_mode"] = [row]
         log(row)
         save()
@@ -593,7 +609,7 @@ def main():
                       for stage in ("Stage C", "Stage B")}
             log("fast_mode_b8 with the ResBlock forms block_variants chose:", chosen)
         with variants.variant(*chosen.values()) if chosen else contextlib.nullcontext():
-            row = batch8_fast(fast, resblock_forms=chosen)
+            row = stage_a_fallback(lambda models: batch8_fast(models, resblock_forms=chosen), fast)
         results["sections"].setdefault("fast_mode", []).append(row)
         log(row)
         save()
@@ -618,7 +634,7 @@ def main():
                 plain_c = plain_b = fused_c = fused_b = None
                 log(about)
                 fused = fast_mode_models(m, device)
-                row = batch8_fast(fused, fused_gelu_grn=True, **about)
+                row = stage_a_fallback(lambda models: batch8_fast(models, fused_gelu_grn=True, **about), fused)
                 from wuerstchen_core import kernels  # needs triton: imported on the GPU only
                 row["apply_tiles"] = kernels.apply_tiles()
                 return row
@@ -637,7 +653,7 @@ def main():
         c16 = c8 = b16 = b8 = None
         fast = fast_mode_models(fp8, device)
         try:
-            row = batch8_fast(fast, **about)
+            row = stage_a_fallback(lambda models: batch8_fast(models, **about), fast)
         except Exception as e:  # an fp8 matmul the compiler or the GPU refuses is a finding
             row = dict(size=base, batch=8, fast_mode=failed(e), **about)
         results["sections"]["fast_mode_b8_fp8"] = row

@@ -177,7 +177,9 @@ def block_variants(m, step_fns, base, device, log, deadline, timed, first_call_a
     so a deadline cuts the rest. timed, first_call_and_ms: the bench's timing helpers. tiny: the CPU dry
     run, without the GPU_ONLY forms (Triton kernels, which a CPU does not run).
     Stage A is not among the units: compiled, its batch-8 decode took 154 ms against 114 eager on the
-    H200 (run 10), after a 111 s compile."""
+    H200 (run 10), after a 111 s compile; that compile traced the blocks' out= bands, which the compiler
+    turns into a copy of the whole map per band. Fast mode now compiles the blocks in a cat form
+    (performance.CompiledVQGAN); the fast-mode rows time it against eager (`stage_a_s`)."""
     cuda = device.type == "cuda"
     forms = [f for f in forms if not (tiny and f in GPU_ONLY)]
     assert forms[0] == "compiled", "the compiled form is every estimate's baseline"

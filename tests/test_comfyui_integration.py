@@ -425,15 +425,19 @@ def test_text_to_image_example_runs_and_saves_an_image(server, t2i):
             assert im.size == (SIZE, SIZE), im.size
 
 
-def _pixels_with_sampler_option(server, t2i, option):
-    """The text-to-image workflow run again with `option` on in both samplers: (eager pixels, its pixels)."""
+SAMPLERS = ("WuerstchenStageCSampler", "WuerstchenStageBSampler")
+
+
+def _pixels_with_option(server, t2i, option, node_types=SAMPLERS):
+    """The text-to-image workflow run again with `option` on in the nodes of `node_types`: (eager pixels,
+    its pixels)."""
     import numpy as np
     from PIL import Image
 
     prompt, eager_entry = t2i
     changed = _fresh_samplers(prompt, 0)
-    for nid in (_one(changed, "WuerstchenStageCSampler"), _one(changed, "WuerstchenStageBSampler")):
-        changed[nid]["inputs"][option] = True
+    for node_type in node_types:
+        changed[_one(changed, node_type)]["inputs"][option] = True
     changed[_one(changed, "SaveImage")]["inputs"]["filename_prefix"] = option
     entry = server.run(changed)
     assert entry["status"]["status_str"] == "success", \
@@ -444,9 +448,10 @@ def _pixels_with_sampler_option(server, t2i, option):
 
 
 def test_fast_mode_compiles_inside_comfyui(server, t2i):
-    """The samplers' fast_mode option: torch.compile (inductor, on this CPU) inside ComfyUI's executor,
-    which runs nodes under inference_mode. The image is the eager one up to inductor's float reordering."""
-    eager, fast = _pixels_with_sampler_option(server, t2i, "fast_mode")
+    """The samplers' and Stage A Decode's fast_mode option: torch.compile (inductor, on this CPU) inside
+    ComfyUI's executor, which runs nodes under inference_mode. The image is the eager one up to
+    inductor's float reordering."""
+    eager, fast = _pixels_with_option(server, t2i, "fast_mode", (*SAMPLERS, "WuerstchenStageADecode"))
     diff = abs(eager - fast)
     assert diff.mean() < 2 and (diff > 8).mean() < 0.01, (diff.mean(), (diff > 8).mean())  # saturated pixels may flip
 
@@ -455,7 +460,7 @@ def test_cuda_graphs_option_inside_comfyui(server, t2i):
     """The samplers' cuda_graphs option through ComfyUI's executor. On this CPU the wrapped network runs
     its plain steps (CUDA graphs need CUDA), so the image is exactly the eager one; both options on is
     one clear node error."""
-    eager, graphed = _pixels_with_sampler_option(server, t2i, "cuda_graphs")
+    eager, graphed = _pixels_with_option(server, t2i, "cuda_graphs")
     assert (eager == graphed).all()
     both = _fresh_samplers(t2i[0], 1)
     both[_one(both, "WuerstchenStageCSampler")]["inputs"].update(cuda_graphs=True, fast_mode=True)

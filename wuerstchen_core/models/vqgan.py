@@ -107,8 +107,10 @@ class MixingResidualBlock(nn.Module):
         rows = max(1, self.MAX_TOKENS // x.shape[-1])
         if x.shape[-2] <= rows:
             return self._mix_channels(nhwc).permute(0, 3, 1, 2)
-        if torch.compiler.is_compiling():  # the compiler would copy the whole map per out= band; a cat it
-            b, h, w, c = nhwc.shape        # writes in place (each band's last op stores into its slice)
+        if torch.compiler.is_compiling():
+            # traced, the out= bands below would become a copy of the whole map per band; a cat is written
+            # in place (each band's last op stores straight into its slice of the output)
+            b, h, w, c = nhwc.shape
             bands = [self._mix_channels(nhwc[i, top:top + rows]) for i in range(b) for top in range(0, h, rows)]
             return torch.cat(bands).view(b, h, w, c).permute(0, 3, 1, 2)
         out = torch.empty_like(nhwc)

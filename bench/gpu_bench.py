@@ -52,7 +52,8 @@ from wuerstchen_core.models import (  # noqa: E402
     DecoderConfig, PaellaVQGAN, PriorConfig, VQGANConfig, WuerstchenDecoder, WuerstchenPrior)
 from wuerstchen_core.models.vqgan import MixingResidualBlock, ReplicationPad  # noqa: E402
 from wuerstchen_core.performance import (  # noqa: E402
-    GraphedNetwork, capture_cuda_graph, compile_model, fuse_gelu_grn, on_device, store_linear_weights_in_fp8)
+    GraphedNetwork, capture_cuda_graph, compile_model, fuse_gelu_grn, on_device, recompile_limit_setting,
+    store_linear_weights_in_fp8)
 from wuerstchen_core.schedule import stage_c_preset  # noqa: E402
 from wuerstchen_core.text import TextEncoder, load_tokenizer  # noqa: E402
 
@@ -800,7 +801,7 @@ def main():
     # so it does not fit the default budget after the rest; run it alone with --only fast_sweep
     per_shape_s = 110 if not tiny else 15  # a compile and the timings, on the H200 (run 7)
     if section("fast_sweep", per_shape_s):  # it stops before a shape that would overrun
-        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        limit = recompile_limit_setting()
         setattr(torch._dynamo.config, limit, 64)  # every shape is a recompile; past the limit a fullgraph compile fails
         net_c, net_b = (compile_model(m[k], device.type == "cuda") for k in ("prior", "decoder"))
         rows = []

@@ -260,7 +260,7 @@ def test_stage_a_fast_mode_compiles_one_graph_per_block_shape_and_matches_eager(
 def test_fast_mode_compiles_past_dynamos_shape_limit_then_says_when_it_stops(monkeypatch):
     """Every new image size or batch is one more compile of the same forward; with fullgraph=True dynamo's
     default limit (8 per function) would end fast mode with a bare FailOnRecompileLimitHit at the ninth."""
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    limit = performance.recompile_limit_setting()
     default = getattr(torch._dynamo.config, limit)
     double = torch.compile(lambda x: x * 2, fullgraph=True, dynamic=False, backend="eager")
     with performance.compile_errors("Würstchen Stage C Sampler"):

@@ -178,6 +178,11 @@ def restore_slots(slots, data) -> None:
 FAST_MODE_SHAPES = 64  # compiled input shapes per network and process (dynamo's own limit: 8)
 
 
+def recompile_limit_setting() -> str:
+    """The name of dynamo's compiles-per-function limit in this torch's config (older torch: cache_size_limit)."""
+    return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+
 @contextlib.contextmanager
 def compile_errors(where: str, enabled: bool = True):
     """The block fast-mode models run in: a torch.compile failure inside it (it surfaces at the first call
@@ -189,7 +194,7 @@ def compile_errors(where: str, enabled: bool = True):
         return
     from torch._dynamo import exc
 
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    limit = recompile_limit_setting()
     shapes = max(FAST_MODE_SHAPES, getattr(torch._dynamo.config, limit))
     try:
         with torch._dynamo.config.patch({limit: shapes}):

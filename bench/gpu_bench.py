@@ -13,8 +13,8 @@ last, fast-mode steps at batch 2/4 and 1536²/2048² (a compile per shape, 90–
 after them (`--skip fast_sweep`; `--only fast_sweep` runs it alone, stopping before a shape that would
 overrun --budget-s). Seven sections run only when named in --only, in a second process after the main
 run: `grn_layout` (the channel MLP at batch-8 shapes in two layouts of the same arithmetic),
-`autotune_b8` and `regional_compile` (experiments, compiled with cold caches: batch-8 steps with
-mode="max-autotune"; fast mode with each block type compiled once), `warm_compile` (fast mode's
+`autotune_b8` and `whole_compile` (experiments, compiled with cold caches: batch-8 steps with
+mode="max-autotune"; fast mode with each network compiled whole, as before the twelfth session), `warm_compile` (fast mode's
 first run with the compile caches the main run left on disk: what a later launch pays), and
 `block_variants` / `step_variants_b8` (bench/block_variants.py: a batch-8 step's repeated units compiled
 in other forms, then whole batch-8 steps in the forms that won; --forms-from reads an earlier
@@ -52,14 +52,14 @@ from wuerstchen_core.models import (  # noqa: E402
     DecoderConfig, PaellaVQGAN, PriorConfig, VQGANConfig, WuerstchenDecoder, WuerstchenPrior)
 from wuerstchen_core.models.vqgan import MixingResidualBlock, ReplicationPad  # noqa: E402
 from wuerstchen_core.performance import (  # noqa: E402
-    GraphedNetwork, capture_cuda_graph, compile_model, fuse_gelu_grn, on_device, recompile_limit_setting,
+    GraphedNetwork, capture_cuda_graph, compile_errors, compile_model, fuse_gelu_grn, on_device,
     store_linear_weights_in_fp8)
 from wuerstchen_core.schedule import stage_c_preset  # noqa: E402
 from wuerstchen_core.text import TextEncoder, load_tokenizer  # noqa: E402
 
 GiB = 2**30
 # experiments: run only when named in --only
-OPT_IN = ("grn_layout", "autotune_b8", "warm_compile", "regional_compile", "block_variants", "step_variants_b8",
+OPT_IN = ("grn_layout", "autotune_b8", "warm_compile", "whole_compile", "block_variants", "step_variants_b8",
           "fast_mode_b8_fp8", "fast_mode_b8_fused")
 PROMPT = "an astronaut riding a horse on the moon, detailed, 8k"
 
@@ -275,6 +275,9 @@ def main():
     fallbacks = caught.__enter__()
     warnings.simplefilter("always", RuntimeWarning)
     results["dtype_fallbacks"] = fallbacks  # replaced by the messages at the end
+    # fast mode's compile limits, as the nodes and the CLI run it (its unit graphs are one function's compiles)
+    compile_limits = compile_errors("gpu_bench")
+    compile_limits.__enter__()
     cfgs = configs(tiny)
     pc, dc, vc, towers = cfgs
     m = dict(prior=build(WuerstchenPrior, pc, device, dtype, 1), decoder=build(WuerstchenDecoder, dc, device, dtype, 2),
@@ -792,17 +795,23 @@ def main():
         free(device)
         save()
 
-    # ---- fast mode with each block type compiled once and reused, against fast mode as it is: compile
-    # time and step times at batch 1, both with cold caches (opt-in).
-    if section("regional_compile", 200 if not tiny else 60):
-        record("regional_compile", lambda: regional_compile(m, step_fns, base, device, log))
+    # ---- fast mode as it was until the twelfth session, each network compiled whole (mode="reduce-overhead":
+    # inductor's CUDA graphs), against fast_mode's compiled units (same Stage A): the first run (compile, with
+    # cold caches) and s/image at batch 1 (opt-in; name it after fast_mode to compare in one process)
+    if section("whole_compile", 200 if not tiny else 60):
+        def whole_row():
+            whole = dict(m, vqgan=compile_model(m["vqgan"]), **{
+                k: torch.compile(m[k], mode="reduce-overhead" if device.type == "cuda" else "default", fullgraph=True,
+                                 dynamic=False) for k in ("prior", "decoder")})
+            with cold_compile_caches():
+                return batch1_fast(whole)
+        record("whole_compile", whole_row)
+        log(results["sections"]["whole_compile"])
 
     # ---- fast-mode steps at the other shapes of the eager sweep: one compile each (90–100 s on the H200),
     # so it does not fit the default budget after the rest; run it alone with --only fast_sweep
     per_shape_s = 110 if not tiny else 15  # a compile and the timings, on the H200 (run 7)
     if section("fast_sweep", per_shape_s):  # it stops before a shape that would overrun
-        limit = recompile_limit_setting()
-        setattr(torch._dynamo.config, limit, 64)  # every shape is a recompile; past the limit a fullgraph compile fails
         net_c, net_b = (compile_model(m[k], device.type == "cuda") for k in ("prior", "decoder"))
         rows = []
         for size, batch in [(base, 2), (base, 4), (sizes[1], 1), (sizes[2], 1)]:
@@ -837,40 +846,6 @@ def cold_compile_caches():
     """Compile as on a fresh machine: without the on-disk caches an earlier run (or section) filled."""
     import torch._inductor.config as inductor_config
     return inductor_config.patch(force_disable_caches=True)
-
-
-def regional_compile(m, step_fns, size, device, log):
-    """Fast mode as it is, then with every ResBlock/AttnBlock forward marked
-    torch.compiler.nested_compile_region (each block type traced and compiled once and its code reused for
-    all its instances, where fast mode compiles each of Stage C's 64 and Stage B's 96 such blocks on its
-    own). Batch 1 steps, cold caches: first-call (compile) seconds and ms per step, per variant. (No output
-    comparison: the bench's zeroed output heads make every network's eps equal x; the tests compare
-    compiled and eager outputs.)"""
-    from wuerstchen_core.models.common import AttnBlock, ResBlock, ResBlockStageB
-
-    region = getattr(torch.compiler, "nested_compile_region", None)
-    if region is None:
-        return f"unavailable: torch {torch.__version__} has no torch.compiler.nested_compile_region"
-    originals = {cls: cls.forward for cls in (ResBlock, ResBlockStageB, AttnBlock)}
-    rows = []
-    try:
-        for variant in ("whole", "regional"):
-            if variant == "regional":
-                for cls, forward in originals.items():
-                    cls.forward = region(forward)
-            torch._dynamo.reset()  # no compiled code of an earlier variant or section may be reused
-            nets = [compile_model(m[k], device.type == "cuda") for k in ("prior", "decoder")]
-            row = dict(variant=variant, size=size, batch=1)
-            for name, fn in zip("cb", step_fns(*nets, size, 1)):
-                row[f"{name}_compile_s"], row[f"{name}_ms"] = first_call_and_ms(fn, device, cold=True)
-            rows.append(row)
-            log(row)
-            nets = None
-            free(device)
-        return rows
-    finally:
-        for cls, forward in originals.items():
-            cls.forward = forward
 
 
 def grn_layouts(device, dtype, tiny, log):

@@ -43,14 +43,15 @@ def _common_inputs(steps_default, steps_tooltip, cfg_default, cfg_tooltip):
               default="ddpm", options=SAMPLERS),
         Input("denoise", "FLOAT", "1.0 samples from pure noise; below 1 starts from the input latent (img2img).",
               default=1.0, min=0.0, max=1.0, step=0.01),
-        Input("fast_mode", "BOOLEAN", "Compile the network with torch.compile (CUDA graphs on a GPU) for about "
-              "2× faster steps at batch 1 (on an H200: Stage C 12.3 → 7.0 ms, Stage B 24.4 → 10.5 ms). The first "
-              "run compiles for 90–120 s on an H200, and each new image size or batch compiles again; needs "
-              "Triton on a GPU, a C++ compiler on the CPU.", default=False, optional=True),
+        Input("fast_mode", "BOOLEAN", "Compile the network's repeated blocks with torch.compile (CUDA graphs on a "
+              "GPU) for about 2× faster steps at batch 1 (on an H200, the network compiled whole: Stage C 12.3 → "
+              "7.0 ms, Stage B 24.4 → 10.5 ms). The first run compiles, and each new image size or batch compiles "
+              "again: compiled whole, 90–120 s on an H200; its blocks, as now, compile about 4× faster (measured "
+              "on a CPU). Needs Triton on a GPU, a C++ compiler on the CPU.", default=False, optional=True),
         Input("cuda_graphs", "BOOLEAN", "Replay the network's steps from CUDA graphs, captured once per image size "
               "and batch with three ordinary steps instead of compiled: on an H200 the replayed steps took 7.7 ms "
               "(Stage C) and 11.5 ms (Stage B) against 12.3 and 24.4 ms plain, and a whole 1024² image 0.51 s "
-              "(0.88 s with the capture) against fast mode's 0.415 s after its 120-s compile. CUDA only "
+              "(0.88 s with the capture) against fast mode's 0.415 s (compiled whole, in 120 s). CUDA only "
               "(elsewhere the plain steps run); not together with fast_mode.",
               default=False, optional=True),
     )

@@ -14,6 +14,7 @@ from tests.helpers.tiny_models import tiny_decoder, tiny_prior
 from tests.helpers.tiny_pack import FILES, write_tiny_models
 from wuerstchen_core import memory, performance, pipeline
 from wuerstchen_core.errors import WuerstchenError
+from wuerstchen_core.models.common import run_unit
 from wuerstchen_core.performance import Fp8Linear, on_device, store_linear_weights_in_fp8
 
 
@@ -226,6 +227,43 @@ def test_sampler_fast_mode_compiles_once_and_matches_eager(models_dir, monkeypat
     assert (fast - eager).abs().max() <= 1e-3 * eager.abs().max()  # inductor fuses and reorders float sums
 
 
+def test_fast_mode_compiles_each_unit_shape_once_for_all_units(fake_cuda_graphs):
+    """Fast mode compiles the networks' units, not the networks: Stage C's (ResBlock, TimestepBlock,
+    AttnBlock) triples share one graph per size (the whole-network compile traced each of them), Stage B
+    one per distinct unit of its levels. On CUDA a step, compiled units included, is captured and replayed
+    (here the stand-in graph); the steps equal the same compiled units run without capture."""
+    from torch._dynamo.utils import counters
+
+    prior, decoder = tiny_prior(), tiny_decoder().fold_effnet()
+    x, r, clip = prior_inputs(prior)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad(), performance.compile_errors("test"):
+        cond = prior.condition(clip)
+        eager = prior(x, r, cond=cond)
+        fast = performance.compile_model(prior)
+        assert isinstance(fast, performance.CompiledNetwork) and fast.cfg is prior.cfg
+        got = fast(x, r, cond=cond)
+        assert (got - eager).abs().max() <= 1e-3 * eager.abs().max()  # inductor fuses and reorders float sums
+        assert counters["stats"]["unique_graphs"] == 1 and prior.cfg.depth == 2
+        assert fake_cuda_graphs == [tuple(x.shape)]
+        unbatched = performance.compile_model(prior, cuda_graphs=False)(x, r, cond=cond)
+        assert torch.equal(got, unbatched) and len(fake_cuda_graphs) == 1  # no capture without CUDA graphs
+
+        counters.clear()
+        clip_b = torch.randn(2, 77, decoder.cfg.clip_embd, generator=torch.Generator().manual_seed(1))
+        effnet = torch.randn(2, decoder.cfg.effnet_embd, 3, 3, generator=torch.Generator().manual_seed(2))
+        xb, rb = torch.randn(2, decoder.cfg.c_in, 32, 32, generator=torch.Generator().manual_seed(3)), r
+        cond_b = decoder.condition(effnet, clip_b, xb.shape[-2:])
+        eager_b = decoder(xb, rb, cond=cond_b)
+        units = []
+        decoder(xb, rb, cond=cond_b, run_unit=lambda blocks, h, a: units.append(blocks) or run_unit(blocks, h, a))
+        got_b = performance.compile_model(decoder)(xb, rb, cond=cond_b)
+    assert (got_b - eager_b).abs().max() <= 1e-3 * eager_b.abs().max()
+    assert sum(len(unit) for unit in units) == sum(len(level) for level in [*decoder.down_blocks, *decoder.up_blocks])
+    assert counters["stats"]["unique_graphs"] < len(units)  # alike units share a graph
+
+
 def test_stage_a_fast_mode_compiles_one_graph_per_block_shape_and_matches_eager(models_dir, monkeypatch):
     """The Stage A Decode node's fast_mode: the VQGAN's blocks run through one inductor-compiled function
     (kept with the loaded model), shared by the identical bottleneck blocks, and its banded channel mixing
@@ -258,20 +296,24 @@ def test_stage_a_fast_mode_compiles_one_graph_per_block_shape_and_matches_eager(
 
 
 def test_fast_mode_compiles_past_dynamos_shape_limit_then_says_when_it_stops(monkeypatch):
-    """Every new image size or batch is one more compile of the same forward; with fullgraph=True dynamo's
-    default limit (8 per function) would end fast mode with a bare FailOnRecompileLimitHit at the ninth."""
+    """Every new image size or batch compiles fast mode's unit function once more per unit shape, all of it
+    one function's compiles to dynamo; with fullgraph=True dynamo's default limit (8 per function, 256 in
+    all) would end fast mode with a bare FailOnRecompileLimitHit at the ninth."""
     limit = performance.recompile_limit_setting()
-    default = getattr(torch._dynamo.config, limit)
+    default, default_total = getattr(torch._dynamo.config, limit), getattr(torch._dynamo.config, f"accumulated_{limit}")
     double = torch.compile(lambda x: x * 2, fullgraph=True, dynamic=False, backend="eager")
     with performance.compile_errors("Würstchen Stage C Sampler"):
+        assert getattr(torch._dynamo.config, f"accumulated_{limit}") >= performance.FAST_MODE_SHAPES * 13
         for n in range(1, default + 3):
             assert torch.equal(double(torch.ones(n)), torch.full((n,), 2.0))
-    assert getattr(torch._dynamo.config, limit) == default  # the host's setting, back after the block
-    monkeypatch.setattr(performance, "FAST_MODE_SHAPES", default + 4)
-    with pytest.raises(WuerstchenError, match=f"^Würstchen Stage C Sampler: fast mode has compiled this network for "
-                                              f"{default + 4} image sizes and batches in this session"):
+    assert getattr(torch._dynamo.config, limit) == default  # the host's settings, back after the block
+    assert getattr(torch._dynamo.config, f"accumulated_{limit}") == default_total
+    monkeypatch.setattr(performance, "FAST_MODE_SHAPES", 3)
+    monkeypatch.setattr(performance, "UNIT_GRAPHS", (default + 4) // 3 + 1)  # a limit of default + 4 at most
+    with pytest.raises(WuerstchenError, match="^Würstchen Stage C Sampler: fast mode has compiled the networks for "
+                                              "about 3 image sizes and batches in this session"):
         with performance.compile_errors("Würstchen Stage C Sampler"):
-            for n in range(default + 3, default + 8):
+            for n in range(default + 3, default + 3 + 3 * performance.UNIT_GRAPHS):
                 double(torch.ones(n))
 
 
@@ -280,8 +322,7 @@ def test_a_failing_compile_is_one_clear_error_naming_the_node(models_dir, monkey
     def no_compiler(gm, example_inputs):
         raise RuntimeError("no working C++ compiler found")
 
-    monkeypatch.setattr(performance, "compile_model",
-                        lambda model, cuda_graphs: torch.compile(model, backend=no_compiler))
+    monkeypatch.setattr(performance, "compiled_unit", lambda: torch.compile(run_unit, backend=no_compiler))
     host = StandaloneHost(str(models_dir), on_progress=lambda *a: None)
     prior = loaders.LOAD_PRIOR.execute(host, FILES["prior"], "auto")[0]
     text = loaders.LOAD_TEXT_ENCODER.execute(host, FILES["bigG"], "bigG (Stage C)", "auto")[0]
@@ -518,7 +559,7 @@ def test_fp8_fast_compiles():
     linear = store_linear_weights_in_fp8(torch.nn.Sequential(torch.nn.Linear(64, 32)), matmul=True)
     x = torch.randn(2, 10, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        eager, compiled = linear(x), performance.compile_model(linear, cuda_graphs=False)(x)
+        eager, compiled = linear(x), performance.compiled_unit()((linear,), x, ((),))  # as fast mode runs units
     assert (compiled - eager).abs().max() <= 0.07 * eager.abs().max()  # e4m3 rounding may differ by a step
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import WuerstchenError
-from .models.common import ChannelMLP
+from .models.common import ChannelMLP, run_unit
 from .models.vqgan import PaellaVQGAN
 
 FP8 = torch.float8_e4m3fn
@@ -175,7 +175,8 @@ def restore_slots(slots, data) -> None:
         table[name] = t
 
 
-FAST_MODE_SHAPES = 64  # compiled input shapes per network and process (dynamo's own limit: 8)
+FAST_MODE_SHAPES = 64  # image sizes and batches fast mode compiles for per process
+UNIT_GRAPHS = 32  # bound on the compiled unit graphs one size adds (the public networks: Stage C 1, B 13, A 2)
 
 
 def recompile_limit_setting() -> str:
@@ -186,18 +187,22 @@ def recompile_limit_setting() -> str:
 @contextlib.contextmanager
 def compile_errors(where: str, enabled: bool = True):
     """The block fast-mode models run in: a torch.compile failure inside it (it surfaces at the first call
-    of a compiled model) becomes one clear WuerstchenError naming `where`, and each network may compile
-    up to FAST_MODE_SHAPES input shapes (every new size or batch is one more; past dynamo's default of 8 a
-    fullgraph compile fails outright). enabled=False: a plain block."""
+    of a compiled model) becomes one clear WuerstchenError naming `where`, and fast mode may compile for
+    up to FAST_MODE_SHAPES sizes and batches (each compiles its unit graphs once more, all of them one
+    function's compiles to dynamo, whose default limit of 8 would end a fullgraph compile outright).
+    enabled=False: a plain block."""
     if not enabled:
         yield
         return
     from torch._dynamo import exc
 
     limit = recompile_limit_setting()
-    shapes = max(FAST_MODE_SHAPES, getattr(torch._dynamo.config, limit))
+    graphs = max(FAST_MODE_SHAPES * UNIT_GRAPHS, getattr(torch._dynamo.config, limit))
+    total = f"accumulated_{limit}"
+    patch = {limit: graphs} | ({total: max(graphs, getattr(torch._dynamo.config, total))}
+                               if hasattr(torch._dynamo.config, total) else {})
     try:
-        with torch._dynamo.config.patch({limit: shapes}):
+        with torch._dynamo.config.patch(patch):
             yield
     except RuntimeError as e:
         if not isinstance(e, exc.TorchDynamoException):
@@ -209,23 +214,31 @@ def compile_errors(where: str, enabled: bool = True):
                               "expected a working torch.compile (Triton on NVIDIA GPUs, a C++ compiler on the CPU), "
                               "or turn fast mode off.") from None
     except getattr(exc, "FailOnRecompileLimitHit", ()):  # not a RuntimeError
-        raise WuerstchenError(f"{where}: fast mode has compiled this network for {shapes} image sizes and "
-                              "batches in this session, the most it keeps; expected fewer different sizes, or "
-                              "restart to compile anew, or turn fast mode off.") from None
+        raise WuerstchenError(f"{where}: fast mode has compiled the networks for about {FAST_MODE_SHAPES} image "
+                              "sizes and batches in this session, the most it keeps; expected fewer different "
+                              "sizes, or restart to compile anew, or turn fast mode off.") from None
+
+
+@functools.cache
+def compiled_unit():
+    """models.common.run_unit compiled (fullgraph, static shapes), one function for all networks: dynamo
+    traces a unit's code once and reuses the graph for every unit of the same blocks and shapes (the
+    parameters are graph inputs), so Stage C's 32 triples compile one graph per size, where compiling
+    the whole network traced and compiled each of them (about 4× the compile time, measured on the CPU)."""
+    return torch.compile(run_unit, fullgraph=True, dynamic=False)
 
 
 def compile_model(model: nn.Module, cuda_graphs: bool = True) -> nn.Module:
-    """The pack's fast mode: compile the forward for static shapes.
+    """The pack's fast mode: the network's repeated units compiled for static shapes (compiled_unit).
 
-    On CUDA "reduce-overhead" also captures CUDA graphs, which removes the per-kernel launch cost
-    that dominates small latents (a 24×24 Stage C grid). Each new batch/size compiles once more.
-    Returns a module with the same state dict keys (torch.compile wraps, it does not copy weights).
-    The Stage A VQGAN becomes a CompiledVQGAN instead (its decode's blocks compiled; no CUDA graphs).
+    Stage B and C become a CompiledNetwork: on CUDA (cuda_graphs) each step, compiled units and the
+    few eager operations around them, is replayed from a CUDA graph, which removes the per-kernel launch
+    cost that dominates small latents (a 24×24 Stage C grid). The Stage A VQGAN becomes a CompiledVQGAN
+    (no CUDA graphs). Each new batch/size compiles once more. The wrappers hold the model, not a copy.
     """
     if isinstance(model, PaellaVQGAN):
         return CompiledVQGAN(model)
-    mode = "reduce-overhead" if cuda_graphs else "default"
-    return torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
+    return CompiledNetwork(model, cuda_graphs)
 
 
 class _Wrapper(nn.Module):
@@ -245,24 +258,15 @@ class _Wrapper(nn.Module):
 
 
 class CompiledVQGAN(_Wrapper):
-    """Stage A in fast mode: decode() runs each MixingResidualBlock through one compiled function
-    (torch.compile per block, "regional"): the 12 bottleneck blocks share one compile per shape, so a
-    size compiles two block graphs instead of the whole network. Compiled, a block's LayerNorms,
-    modulations, padding and residual updates fuse into a few kernels; eager, each is a pass over the
-    map (Stage A at batch 8 ran its LayerNorms at ≈ 0.9 TB/s on an H200, docs/benchmarks.md). No CUDA
-    graphs: a decode runs once per image and is not launch-bound. Encoding stays eager."""
+    """Stage A in fast mode: decode() runs each MixingResidualBlock through compiled_unit: the 12
+    bottleneck blocks share one compile per shape, so a size compiles two block graphs. Compiled, a
+    block's LayerNorms, modulations, padding and residual updates fuse into a few kernels; eager, each is
+    a pass over the map (Stage A at batch 8 ran its LayerNorms at ≈ 0.9 TB/s on an H200,
+    docs/benchmarks.md). No CUDA graphs: a decode runs once per image and is not launch-bound. Encoding
+    stays eager."""
 
     def decode(self, latent):
-        return self.model.decode(latent, run_block=_compiled_block())
-
-
-def _run_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return block(x)
-
-
-@functools.cache
-def _compiled_block():
-    return torch.compile(_run_block, fullgraph=True, dynamic=False)
+        return self.model.decode(latent, run_unit=compiled_unit())
 
 
 @dataclass
@@ -297,9 +301,13 @@ class GraphedNetwork(_Wrapper):
         self._cond, self._leaves, self._cond_key, self._run, self._weights = None, [], None, 0, None
         self._pool = None
 
+    graphs = True  # whether steps on GRAPH_DEVICES are captured (CompiledNetwork without CUDA graphs: no)
+    option = "cuda_graphs / --cuda-graphs"  # what a user turns off when a capture fails
+
     def forward(self, x, r, *args, cond=None, **kwargs):
-        if cond is None or args or kwargs or x.device.type not in GRAPH_DEVICES or torch.is_grad_enabled():
-            return self.model(x, r, *args, cond=cond, **kwargs)
+        if (cond is None or args or kwargs or not self.graphs or x.device.type not in GRAPH_DEVICES
+                or torch.is_grad_enabled()):
+            return self.run_model(x, r, *args, cond=cond, **kwargs)
         if cond is not self._cond:
             self._new_run(cond)
         key = (x.shape, x.stride(), x.dtype, x.device, r.shape, r.dtype, self._cond_key)
@@ -338,19 +346,40 @@ class GraphedNetwork(_Wrapper):
                                   self._cond_key[0])
 
             def step():
-                return self.model(static_x, static_r, cond=cond)
+                return self.run_model(static_x, static_r, cond=cond)
 
             # one memory pool for all of this network's graphs: safe for graphs that never replay at the
             # same time and do not read each other's outputs, in any order (pytorch/pytorch#166975)
             try:
                 out, replay, self._pool = capture_cuda_graph(step, x.device, self._pool)
             except RuntimeError as e:
+                if isinstance(e, torch._dynamo.exc.TorchDynamoException):  # a compile failure: compile_errors's
+                    raise
                 found = (str(e).strip().splitlines() or ["no message"])[0]
                 raise WuerstchenError(f"CUDA graphs: capturing a {type(self.model).__name__} step of shape "
                                       f"{tuple(x.shape)} failed ({type(e).__name__}: {found}); expected a CUDA "
-                                      "device and driver that capture graphs, or turn cuda_graphs / "
-                                      "--cuda-graphs off.") from None
+                                      f"device and driver that capture graphs, or turn {self.option} off.") from None
         return _Captured(static_x, static_r, leaves, out, replay)
+
+    def run_model(self, *args, **kwargs):
+        """One forward of the wrapped network, as captured and as run where no graph is."""
+        return self.model(*args, **kwargs)
+
+
+class CompiledNetwork(GraphedNetwork):
+    """Stage B or C in fast mode: the forward runs its units through compiled_unit, and on CUDA
+    (cuda_graphs) each step is captured whole, the compiled units' kernels with the eager operations
+    between them, and replayed like GraphedNetwork's (the units compile in the warm-up runs before the
+    capture). Without CUDA graphs: the compiled units, launched one by one."""
+
+    option = "fast_mode / --fast"
+
+    def __init__(self, model: nn.Module, cuda_graphs: bool = True):
+        super().__init__(model)
+        self.graphs = cuda_graphs
+
+    def run_model(self, *args, **kwargs):
+        return self.model(*args, run_unit=compiled_unit(), **kwargs)
 
 
 GRAPH_DEVICES = ("cuda",)

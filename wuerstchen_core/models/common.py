@@ -36,6 +36,15 @@ def r_embedding(r: torch.Tensor, c_r: int) -> torch.Tensor:
     return emb.to(r.dtype)
 
 
+def run_unit(blocks: tuple, h: torch.Tensor, args: tuple) -> torch.Tensor:
+    """h through `blocks` in turn, blocks[i] called as blocks[i](h, *args[i]). The networks run their
+    repeated units (a ResBlock with the blocks after it) through this, or through fast mode's compiled
+    form of it (performance.compiled_unit), which compiles once per unit shape for all units alike."""
+    for block, block_args in zip(blocks, args):
+        h = block(h, *block_args)
+    return h
+
+
 def state_shape(sd: dict, key: str, component: str) -> tuple[int, ...]:
     """Shape of sd[key]; a missing key means the file holds something other than `component`."""
     if key not in sd:

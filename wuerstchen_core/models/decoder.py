@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, WrongComponentError
-from .common import (LN_EPS, AttnBlock, LayerNorm2d, ResBlockStageB, TimestepBlock, r_embedding, state_shape,
+from .common import (LN_EPS, AttnBlock, LayerNorm2d, ResBlockStageB, TimestepBlock, r_embedding, run_unit, state_shape,
                      timestep_modulations)
 
 HEAD_DIM = 64  # head counts are not stored in the weights; every Würstchen attention uses 64-d heads
@@ -186,34 +186,40 @@ class WuerstchenDecoder(nn.Module):
                         block.fold_effnet(mapper)
         return self
 
-    def forward(self, x, r, effnet=None, clip=None, cond=None):
+    def forward(self, x, r, effnet=None, clip=None, cond=None, run_unit=run_unit):
         """x [B,c_in,H,W], r [B] in [0,1], effnet [B,effnet_embd,h,w], clip [B,T,clip_embd] (or cond =
         condition(effnet, clip, x's grid)) -> eps like x. r is embedded in its own dtype (see
-        WuerstchenPrior.forward) and the embedding cast to the model dtype."""
+        WuerstchenPrior.forward) and the embedding cast to the model dtype. run_unit runs each ResBlock with
+        the TimestepBlock/AttnBlocks after it, and each down- or up-sampler (fast mode passes its compiled one)."""
         dtype = self.embedding[1].weight.dtype
         # per-block inputs, consumed in visit order
         modulations = iter(timestep_modulations(self._timestep_blocks, r_embedding(r, self.cfg.c_r).to(dtype)))
         per_block = iter(self.condition(effnet, clip, x.shape[-2:]) if cond is None else cond)
 
         def run(blocks, h, encoder_skip, injected):  # the encoder map feeds only the level's first ResBlock
+            units = []  # ([blocks], [their extra arguments]): a ResBlock or sampler and the blocks after it
             for block in blocks:
-                if isinstance(block, ResBlockStageB):
-                    h, encoder_skip = block(h, encoder_skip, next(per_block) if injected else None), None
-                elif isinstance(block, TimestepBlock):
-                    h = block(h, next(modulations))
+                if isinstance(block, TimestepBlock):
+                    args = (next(modulations),)
                 elif isinstance(block, AttnBlock):
-                    h = block(h, next(per_block))
-                else:  # up-sampler
-                    h = block(h)
+                    args = (next(per_block),)
+                elif isinstance(block, ResBlockStageB):
+                    args, encoder_skip = (encoder_skip, next(per_block) if injected else None), None
+                else:  # a down- or up-sampler
+                    args = ()
+                if isinstance(block, (TimestepBlock, AttnBlock)) and units:
+                    units[-1][0].append(block)
+                    units[-1][1].append(args)
+                else:
+                    units.append(([block], [args]))
+            for unit_blocks, unit_args in units:
+                h = run_unit(tuple(unit_blocks), h, tuple(unit_args))
             return h
 
         n = len(self.down_blocks)
         h, encoder_outs = self.embedding(x.contiguous(memory_format=torch.channels_last)), []
         for i, level in enumerate(self.down_blocks):
-            blocks = iter(level)
-            if i:
-                h = next(blocks)(h)  # down-sampler
-            h = run(blocks, h, None, self.effnet_mappers[i] is not None)
+            h = run(level, h, None, self.effnet_mappers[i] is not None)  # levels after the first: down-sampler first
             encoder_outs.insert(0, h)  # deepest first
         for u, level in enumerate(self.up_blocks):
             h = run(level, h, encoder_outs[u] if u else None, self.effnet_mappers[n + u] is not None)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
-from .common import (AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, r_embedding, state_shape,
+from .common import (AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, r_embedding, run_unit, state_shape,
                      timestep_modulations)
 
 HEAD_DIM = 64  # head count is not stored in the weights; every Würstchen attention uses 64-d heads
@@ -78,8 +78,9 @@ class WuerstchenPrior(nn.Module):
         streams through the device instead of holding it for every step (performance.on_device)."""
         return [self.cond_mapper, *(attn.kv_mapper[1] for attn in self._attns)]
 
-    def forward(self, x, r, clip=None, cond=None):
+    def forward(self, x, r, clip=None, cond=None, run_unit=run_unit):
         """x [B,c_in,h,w], r [B] in [0,1], clip [B,T,c_cond] (or cond = condition(clip)) -> eps [B,c_in,h,w].
+        run_unit runs each (ResBlock, TimestepBlock, AttnBlock) triple (fast mode passes its compiled one).
 
         The r embedding is computed in r's own dtype and then cast to the model dtype: a float32 r
         gives the original (autocast) behaviour, r in the model's fp16 reproduces diffusers."""
@@ -87,6 +88,6 @@ class WuerstchenPrior(nn.Module):
         cond = self.condition(clip) if cond is None else cond
         modulations = timestep_modulations(self._films, r_embedding(r, self.cfg.c_r).to(h.dtype))
         for res, film, attn, modulation, tokens in zip(self._res, self._films, self._attns, modulations, cond):
-            h = attn(film(res(h), modulation), tokens)
+            h = run_unit((res, film, attn), h, ((), (modulation,), (tokens,)))
         a, b = self.out(h).contiguous().chunk(2, dim=1)
         return (x - a) / ((1 - b).abs() + 1e-5)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
-from .common import GELU, LN_EPS, state_shape
+from .common import GELU, LN_EPS, run_unit, state_shape
 
 SCALE = 2  # up_down_scale_factor: not recoverable from the weights (only channels * scale**2 is)
 
@@ -153,10 +153,10 @@ class PaellaVQGAN(nn.Module):
         h = self.in_block(img.contiguous(memory_format=torch.channels_last))  # see MixingResidualBlock
         return self.down_blocks(h).contiguous() / self.cfg.scale_factor
 
-    def decode(self, latent, run_block=None):
+    def decode(self, latent, run_unit=run_unit):
         """Stage B latent -> image, roughly in [0,1] but not clamped (the caller clamps).
-        run_block(block, x), when given, runs each MixingResidualBlock (fast mode's compiled blocks)."""
+        run_unit runs each MixingResidualBlock (fast mode passes its compiled one)."""
         h = (latent * self.cfg.scale_factor).contiguous(memory_format=torch.channels_last)
         for layer in self.up_blocks:
-            h = run_block(layer, h) if run_block is not None and isinstance(layer, MixingResidualBlock) else layer(h)
+            h = run_unit((layer,), h, ((),)) if isinstance(layer, MixingResidualBlock) else layer(h)
         return self.out_block(h).contiguous()

@@ -317,11 +317,13 @@ def test_fast_mode_compiles_past_dynamos_shape_limit_then_says_when_it_stops(mon
                 double(torch.ones(n))
 
 
+def no_compiler(gm, example_inputs):
+    """A torch.compile backend as on a machine without Triton or a C++ compiler."""
+    raise RuntimeError("no working C++ compiler found")
+
+
 def test_a_failing_compile_is_one_clear_error_naming_the_node(models_dir, monkeypatch):
     """No Triton, no C++ compiler: torch.compile fails at the first call; the node says so in a sentence."""
-    def no_compiler(gm, example_inputs):
-        raise RuntimeError("no working C++ compiler found")
-
     monkeypatch.setattr(performance, "compiled_unit", lambda: torch.compile(run_unit, backend=no_compiler))
     host = StandaloneHost(str(models_dir), on_progress=lambda *a: None)
     prior = loaders.LOAD_PRIOR.execute(host, FILES["prior"], "auto")[0]
@@ -337,6 +339,18 @@ def test_a_failing_compile_is_one_clear_error_naming_the_node(models_dir, monkey
     out = sampling.STAGE_C_SAMPLER.execute(host, prior, pos, pos, latent, seed=3, steps=1, cfg=4.0, sampler="ddpm",
                                            denoise=1.0, fast_mode=False)[0]  # eager still works
     assert torch.isfinite(out["samples"]).all()
+
+
+def test_a_compile_failing_before_a_cuda_graph_capture_is_the_compile_error(fake_cuda_graphs, monkeypatch):
+    """On CUDA fast mode's units compile in the warm-up runs of the step's capture: a failure there is the
+    compile's error, not a failed capture's (which would tell the user to turn CUDA graphs off)."""
+    monkeypatch.setattr(performance, "compiled_unit", lambda: torch.compile(run_unit, backend=no_compiler))
+    prior = tiny_prior()
+    x, r, clip = prior_inputs(prior)
+    with pytest.raises(WuerstchenError, match="^Würstchen Stage C Sampler: fast mode could not compile the network"):
+        with torch.no_grad(), performance.compile_errors("Würstchen Stage C Sampler"):
+            performance.compile_model(prior)(x, r, cond=prior.condition(clip))
+    assert fake_cuda_graphs == []
 
 
 # ---------------------------------------------------------------------------------------------

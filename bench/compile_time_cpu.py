@@ -3,8 +3,10 @@ before the twelfth session) against in units (performance.compile_model: each ki
 per shape). Public-size networks with random weights, fp32, no CUDA graphs.
 
 Each (network, form) runs in a fresh process with an empty inductor cache, so every compile is cold:
-the first compiled call's seconds less one later call's are the compile. Also the later call's seconds
-(the compiled step) and the largest difference from the eager step, relative to its largest value. Prints one JSON line per run and,
+its first compiled call (the compile and one step) in seconds, and the largest difference of that
+step from the eager one, relative to its largest value. The units' process then also compiles the whole
+network and times the steps of both forms and eager in alternating rounds (this machine's timings
+vary by 10% and more between processes). Prints one JSON line per run and,
 with --out, writes them all to a JSON file.
 
     python bench/compile_time_cpu.py [--out FILE]
@@ -21,6 +23,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # small grids: the compile does not depend on them, the eager and compiled calls stay short
 GRIDS = {"prior": (2, 12, 12), "decoder": (1, 64, 64)}  # (batch, latent height, width)
+ROUNDS = 3
 
 
 def measure(network: str, form: str) -> dict:
@@ -46,21 +49,24 @@ def measure(network: str, form: str) -> dict:
     head = model.out[1] if network == "prior" else model.clf[1]
     torch.nn.init.normal_(head.weight, std=0.02, generator=g)  # build() zeroes it: the output would be x, whatever ran
     r = torch.full((batch,), 0.7)
-    if form == "whole":
-        compiled = torch.compile(model, fullgraph=True, dynamic=False)
-    else:
-        compiled = performance.compile_model(model, cuda_graphs=False)
+    forms = {"whole": lambda: torch.compile(model, fullgraph=True, dynamic=False),
+             "units": lambda: performance.compile_model(model, cuda_graphs=False)}
     with torch.no_grad(), performance.compile_errors("compile_time_cpu"):
         eager = model(x, r, cond=cond)
+        compiled = {form: forms[form]()}
         t0 = time.perf_counter()
-        compiled(x, r, cond=cond)
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = compiled(x, r, cond=cond)
-        step = time.perf_counter() - t0
-    return dict(network=network, form=form, grid=GRIDS[network], compile_s=round(first - step, 1),
-                compiled_step_s=round(step, 2), rel_diff=((out - eager).abs().max() / eager.abs().max()).item(),
-                torch=torch.__version__, threads=torch.get_num_threads())
+        out = compiled[form](x, r, cond=cond)
+        row = dict(network=network, form=form, grid=GRIDS[network], first_call_s=round(time.perf_counter() - t0, 1),
+                   rel_diff=((out - eager).abs().max() / eager.abs().max()).item())
+        if form == "units":  # the steps of both forms (and eager) in alternating rounds, in this one process
+            compiled = {"whole": forms["whole"](), "units": compiled["units"], "eager": model}
+            compiled["whole"](x, r, cond=cond)
+            for _ in range(ROUNDS):
+                for name, fn in compiled.items():
+                    t0 = time.perf_counter()
+                    fn(x, r, cond=cond)
+                    row.setdefault(f"{name}_step_s", []).append(round(time.perf_counter() - t0, 2))
+    return dict(row, torch=torch.__version__, threads=torch.get_num_threads())
 
 
 def main():

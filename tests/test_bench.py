@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the sections that take seconds on the CPU (fast mode: two tiny compiles); not the long compile experiments
 SECTIONS = ["step_sweep", "e2e_eager", "all_resident", "low_vram", "e2e_batch", "low_vram_fp8", "fast_mode", "profile",
             "cuda_graphs", "attention_backends", "grn_layout", "block_variants", "step_variants_b8", "fast_mode_b8_fp8",
-            "fast_mode_b8_fused"]
+            "fast_mode_b8_fused", "whole_compile"]
 
 
 def _failures(value, where=""):
@@ -41,6 +41,7 @@ def test_gpu_bench_tiny_dry_run(tmp_path):
     assert _failures(sections) == []
     assert [row["batch"] for row in sections["fast_mode"]] == [1, 8] and sections["fast_mode"][1]["kernels"]
     assert sections["fast_mode_b8_fused"].startswith("skipped: the Triton kernels need a GPU")
+    assert sections["whole_compile"]["s_per_image"] > 0 and sections["whole_compile"]["first_run_compile_s"] > 0
     assert all(row["max_abs_diff"] < 1e-4 * row["max_abs"] for row in sections["grn_layout"])  # one arithmetic
     units = sections["block_variants"]["units"]
     assert [row["stage"] for row in units] == ["Stage C"] + ["Stage B"] * 3

@@ -283,8 +283,8 @@ class _Captured:
 class GraphedNetwork(_Wrapper):
     """Stage B or C whose sampling step is replayed from a CUDA graph: the eager kernels are captured
     once per input shape and replayed at every later step, removing the per-kernel launch cost that
-    bounds an eager step at small batches, without torch.compile's compile of a minute and more per
-    shape (capturing takes three eager forwards). The kernels and results are the eager ones.
+    bounds an eager step at small batches, without compiling (capturing takes three eager forwards). The
+    kernels and results are the eager ones (fast mode's CompiledNetwork captures compiled units instead).
 
     A step is `model(x, r, cond=model.condition(...))` with the conditioning prepared once per run (as
     the samplers call it): a new `cond` object marks a new run, whose tensors are copied into the
@@ -293,6 +293,9 @@ class GraphedNetwork(_Wrapper):
     Anything else (CPU, autograd, no prepared `cond`) runs the plain eager forward.
     """
 
+    graphs = True  # whether steps on GRAPH_DEVICES are captured (CompiledNetwork without CUDA graphs: no)
+    option = "cuda_graphs / --cuda-graphs"  # what a user turns off when a capture fails
+
     def __init__(self, model: nn.Module, max_graphs: int = 4):
         super().__init__(model)
         self.max_graphs = max_graphs
@@ -300,9 +303,6 @@ class GraphedNetwork(_Wrapper):
         # the current run's conditioning (held until the next run starts), its tensors and signature
         self._cond, self._leaves, self._cond_key, self._run, self._weights = None, [], None, 0, None
         self._pool = None
-
-    graphs = True  # whether steps on GRAPH_DEVICES are captured (CompiledNetwork without CUDA graphs: no)
-    option = "cuda_graphs / --cuda-graphs"  # what a user turns off when a capture fails
 
     def forward(self, x, r, *args, cond=None, **kwargs):
         if (cond is None or args or kwargs or not self.graphs or x.device.type not in GRAPH_DEVICES

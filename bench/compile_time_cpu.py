@@ -2,11 +2,12 @@
 before the twelfth session) against in units (performance.compile_model: each kind of block compiled once
 per shape). Public-size networks with random weights, fp32, no CUDA graphs.
 
-Each (network, form) runs in a fresh process with an empty inductor cache, so every compile is cold:
-its first compiled call (the compile and one step) in seconds, and the largest difference of that
-step from the eager one, relative to its largest value. The units' process then also compiles the whole
-network and times the steps of both forms and eager in alternating rounds (this machine's timings
-vary by 10% and more between processes). Prints one JSON line per run and,
+Each (network, form) runs in a fresh process with an empty inductor cache, so its compile is cold: its
+first compiled call (the compile and one step) in seconds, and the largest difference of that step from
+the eager one, relative to its largest value; then once more in a second process with the caches the
+first left on disk ("warm": what a later launch pays). The units' cold process also compiles the whole
+network and times the steps of both forms and eager in alternating rounds (this machine's timings vary
+by 10% and more between processes). Prints one JSON line per run and,
 with --out, writes them all to a JSON file.
 
     python bench/compile_time_cpu.py [--out FILE]
@@ -26,7 +27,7 @@ GRIDS = {"prior": (2, 12, 12), "decoder": (1, 64, 64)}  # (batch, latent height,
 ROUNDS = 3
 
 
-def measure(network: str, form: str) -> dict:
+def measure(network: str, form: str, launch: str) -> dict:
     import torch
 
     sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
@@ -56,9 +57,10 @@ def measure(network: str, form: str) -> dict:
         compiled = {form: forms[form]()}
         t0 = time.perf_counter()
         out = compiled[form](x, r, cond=cond)
-        row = dict(network=network, form=form, grid=GRIDS[network], first_call_s=round(time.perf_counter() - t0, 1),
+        row = dict(network=network, form=form, launch=launch, grid=GRIDS[network],
+                   first_call_s=round(time.perf_counter() - t0, 1),
                    rel_diff=((out - eager).abs().max() / eager.abs().max()).item())
-        if form == "units":  # the steps of both forms (and eager) in alternating rounds, in this one process
+        if form == "units" and launch == "cold":  # the steps of both forms (and eager) in alternating rounds
             compiled = {"whole": forms["whole"](), "units": compiled["units"], "eager": model}
             compiled["whole"](x, r, cond=cond)
             for _ in range(ROUNDS):
@@ -72,7 +74,7 @@ def measure(network: str, form: str) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the rows to this JSON file")
-    parser.add_argument("--one", nargs=2, metavar=("NETWORK", "FORM"), help=argparse.SUPPRESS)  # a child run
+    parser.add_argument("--one", nargs=3, metavar=("NETWORK", "FORM", "LAUNCH"), help=argparse.SUPPRESS)  # a child
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(*args.one)), flush=True)
@@ -82,10 +84,11 @@ def main():
         for form in ("whole", "units"):
             with tempfile.TemporaryDirectory() as cache:  # a cold compile: nothing from an earlier run
                 env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
-                done = subprocess.run([sys.executable, __file__, "--one", network, form], env=env, check=True,
-                                      capture_output=True, text=True)
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), flush=True)
+                for launch in ("cold", "warm"):  # warm: a later process, with the caches the first one left
+                    done = subprocess.run([sys.executable, __file__, "--one", network, form, launch], env=env,
+                                          check=True, capture_output=True, text=True)
+                    rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                    print(json.dumps(rows[-1]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(date=time.strftime("%Y-%m-%d %H:%M %Z"), rows=rows), f, indent=1)

@@ -466,6 +466,10 @@ def test_a_failing_capture_is_one_clear_error(monkeypatch, fake_cuda_graphs):
     assert "\n" not in msg and msg.startswith("CUDA graphs: capturing a WuerstchenPrior step of shape (2, 4, 6, 6) "
                                               "failed (RuntimeError: CUDA error: operation not permitted")
     assert msg.endswith("or turn cuda_graphs / --cuda-graphs off.") and not graphed._graphs
+    monkeypatch.setattr(performance, "capture_cuda_graph", lambda *a: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")))
+    with torch.no_grad(), pytest.raises(torch.OutOfMemoryError):  # as it is: ComfyUI frees memory and says so
+        performance.compile_model(prior)(x, r, cond=prior.condition(clip))
 
 
 def test_graphs_are_dropped_when_the_weights_move_or_change():

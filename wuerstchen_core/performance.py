@@ -353,8 +353,8 @@ class GraphedNetwork(_Wrapper):
             try:
                 out, replay, self._pool = capture_cuda_graph(step, x.device, self._pool)
             except RuntimeError as e:
-                if isinstance(e, torch._dynamo.exc.TorchDynamoException):  # a compile failure: compile_errors's
-                    raise
+                if isinstance(e, (torch._dynamo.exc.TorchDynamoException, torch.OutOfMemoryError)):
+                    raise  # a compile failure is compile_errors's to report; out of memory is the host's to handle
                 found = (str(e).strip().splitlines() or ["no message"])[0]
                 raise WuerstchenError(f"CUDA graphs: capturing a {type(self.model).__name__} step of shape "
                                       f"{tuple(x.shape)} failed ({type(e).__name__}: {found}); expected a CUDA "

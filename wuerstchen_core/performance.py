@@ -224,7 +224,7 @@ def compiled_unit():
     """models.common.run_unit compiled (fullgraph, static shapes), one function for all networks: dynamo
     traces a unit's code once and reuses the graph for every unit of the same blocks and shapes (the
     parameters are graph inputs), so Stage C's 32 triples compile one graph per size, where compiling
-    the whole network traced and compiled each of them (about 4× the compile time, measured on the CPU)."""
+    the whole network traced and compiled each of them (3–4× the compile time, measured on the CPU)."""
     return torch.compile(run_unit, fullgraph=True, dynamic=False)
 
 

@@ -565,7 +565,7 @@ def main():
         return row
 
     fast = fast_mode_models(m, device)
-    # estimates since the twelfth session: the units compile ≈ 4× faster than the whole networks (CPU), not yet timed here
+    # estimates since the twelfth session: the units compile 3–4× faster than the whole networks (CPU), not yet timed here
     if section("fast_mode", 110 if not tiny else 60):
         row = stage_a_fallback(batch1_fast, fast)
         results["sections"]["fast_mode"] = [row]
@@ -801,6 +801,7 @@ def main():
     # cold caches) and s/image at batch 1 (opt-in; name it after fast_mode to compare in one process)
     if section("whole_compile", 200 if not tiny else 60):
         def whole_row():
+            torch._dynamo.reset()  # Stage A compiles again too, as in fast_mode's first run
             whole = dict(m, vqgan=compile_model(m["vqgan"]), **{
                 k: torch.compile(m[k], mode="reduce-overhead" if device.type == "cuda" else "default", fullgraph=True,
                                  dynamic=False) for k in ("prior", "decoder")})

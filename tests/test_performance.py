@@ -227,7 +227,7 @@ def test_sampler_fast_mode_compiles_once_and_matches_eager(models_dir, monkeypat
     assert (fast - eager).abs().max() <= 1e-3 * eager.abs().max()  # inductor fuses and reorders float sums
 
 
-def test_fast_mode_compiles_each_unit_shape_once_for_all_units(fake_cuda_graphs):
+def test_fast_mode_compiles_each_unit_shape_once_for_all_units(fake_cuda_graphs, monkeypatch):
     """Fast mode compiles the networks' units, not the networks: Stage C's (ResBlock, TimestepBlock,
     AttnBlock) triples share one graph per size (the whole-network compile traced each of them), Stage B
     one per distinct unit of its levels. On CUDA a step, compiled units included, is captured and replayed
@@ -236,6 +236,8 @@ def test_fast_mode_compiles_each_unit_shape_once_for_all_units(fake_cuda_graphs)
 
     prior, decoder = tiny_prior(), tiny_decoder().fold_effnet()
     x, r, clip = prior_inputs(prior)
+    compiled, unit_calls = performance.compiled_unit(), []
+    monkeypatch.setattr(performance, "compiled_unit", lambda: lambda *a: unit_calls.append(a[0]) or compiled(*a))
     torch._dynamo.reset()
     counters.clear()
     with torch.no_grad(), performance.compile_errors("test"):
@@ -245,7 +247,8 @@ def test_fast_mode_compiles_each_unit_shape_once_for_all_units(fake_cuda_graphs)
         assert isinstance(fast, performance.CompiledNetwork) and fast.cfg is prior.cfg
         got = fast(x, r, cond=cond)
         assert (got - eager).abs().max() <= 1e-3 * eager.abs().max()  # inductor fuses and reorders float sums
-        assert counters["stats"]["unique_graphs"] == 1 and prior.cfg.depth == 2
+        assert counters["stats"]["unique_graphs"] == 1 and len(unit_calls) == 2 * prior.cfg.depth  # capture + replay
+        assert all(len(unit) == 3 for unit in unit_calls)  # (ResBlock, TimestepBlock, AttnBlock)
         assert fake_cuda_graphs == [tuple(x.shape)]
         unbatched = performance.compile_model(prior, cuda_graphs=False)(x, r, cond=cond)
         assert torch.equal(got, unbatched) and len(fake_cuda_graphs) == 1  # no capture without CUDA graphs
@@ -261,7 +264,7 @@ def test_fast_mode_compiles_each_unit_shape_once_for_all_units(fake_cuda_graphs)
         got_b = performance.compile_model(decoder)(xb, rb, cond=cond_b)
     assert (got_b - eager_b).abs().max() <= 1e-3 * eager_b.abs().max()
     assert sum(len(unit) for unit in units) == sum(len(level) for level in [*decoder.down_blocks, *decoder.up_blocks])
-    assert counters["stats"]["unique_graphs"] < len(units)  # alike units share a graph
+    assert 1 < counters["stats"]["unique_graphs"] < len(units)  # a graph per kind of unit, shared by alike units
 
 
 def test_stage_a_fast_mode_compiles_one_graph_per_block_shape_and_matches_eager(models_dir, monkeypatch):

@@ -2,7 +2,7 @@
 performance.fuse_gelu_grn, off by default until a GPU run shows it faster than the compiled ops).
 
 In fast mode the compiled GELU/GRN passes were ≈ 16% of a batch-8 image's kernel time on an H200
-(docs/benchmarks.md, runs 11–13) and ran at a third to half of its memory bandwidth: a reduction over
+(docs/benchmarks-history.md, runs 11–13) and ran at a third to half of its memory bandwidth: a reduction over
 the rows of a [B, N, 4c] map (the strided dimension) and an apply pass. Here every load runs along
 the channels, contiguous:
 

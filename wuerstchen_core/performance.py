@@ -262,8 +262,8 @@ class CompiledVQGAN(_Wrapper):
     bottleneck blocks share one compile per shape, so a size compiles two block graphs. Compiled, a
     block's LayerNorms, modulations, padding and residual updates fuse into a few kernels; eager, each is
     a pass over the map (Stage A at batch 8 ran its LayerNorms at ≈ 0.9 TB/s on an H200,
-    docs/benchmarks.md). No CUDA graphs: a decode runs once per image and is not launch-bound. Encoding
-    stays eager."""
+    docs/benchmarks-history.md, run 13). No CUDA graphs: a decode runs once per image and is not
+    launch-bound. Encoding stays eager."""
 
     def decode(self, latent):
         return self.model.decode(latent, run_unit=compiled_unit())

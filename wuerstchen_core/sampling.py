@@ -40,7 +40,7 @@ class NoiseSource:
     generator always on the same worker, so each generator still yields its draws in order: a batch's
     images are drawn in parallel, and reserved draws (`reserve`) are drawn ahead while the device runs.
     Drawn inline, a batch-8 Stage B step's noise (8×4×256×256) left an H200 idle ≈ 12 ms before each
-    step in fast mode (docs/benchmarks.md, run 12).
+    step in fast mode (docs/benchmarks-history.md, run 12).
     """
 
     def __init__(self, generators: list[torch.Generator], device="cpu", dtype: torch.dtype = torch.float32,

@@ -36,7 +36,8 @@ STAGE_A_DECODE = NodeSpec(
            "1024 lets 2048×2048 decode on an 8 GB card.", default=1024, min=0, max=8192, step=64),
      Input("fast_mode", "BOOLEAN", "Compile the VQGAN's blocks with torch.compile (one compile serves its 12 "
            "identical blocks): fewer, fused passes over each image on a GPU (no gain on a CPU). The first decode of "
-           "each image or tile size compiles first; needs Triton on a GPU.", default=False, optional=True)),
+           "each image or tile size compiles first (the console says so, and how long it took); needs Triton on a "
+           "GPU.", default=False, optional=True)),
     (Output("image", "IMAGE", "Images [B,H,W,3] in 0..1."),),
     _decode,
 )

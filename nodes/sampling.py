@@ -47,7 +47,8 @@ def _common_inputs(steps_default, steps_tooltip, cfg_default, cfg_tooltip):
               "GPU) for about 2× faster steps at batch 1 (on an H200, the network compiled whole: Stage C 12.3 → "
               "7.0 ms, Stage B 24.4 → 10.5 ms). The first run compiles, and each new image size or batch compiles "
               "again: compiled whole, 90–120 s on an H200; its blocks, as now, compile 3–4× faster (measured on "
-              "a CPU). Needs Triton on a GPU, a C++ compiler on the CPU.", default=False, optional=True),
+              "a CPU); the console says when it compiles and how long that took. Needs Triton on a GPU, a C++ compiler "
+              "on the CPU.", default=False, optional=True),
         Input("cuda_graphs", "BOOLEAN", "Replay the network's steps from CUDA graphs, captured once per image size "
               "and batch with three ordinary steps instead of compiled: on an H200 the replayed steps took 7.7 ms "
               "(Stage C) and 11.5 ms (Stage B) against 12.3 and 24.4 ms plain, and a whole 1024² image 0.51 s "

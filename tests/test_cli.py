@@ -3,6 +3,7 @@ layout, and the one-line errors (exit code 2, no traceback) for bad input."""
 
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -213,6 +214,21 @@ def test_speed_flags_parse_and_fast_is_documented(capsys):
     with pytest.raises(SystemExit):  # two ways of removing launch overhead: one at a time
         cli.build_parser().parse_args(["generate", "--prompt", "x", "--fast", "--cuda-graphs"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_the_packs_notices_reach_the_current_stderr_once(capsys):
+    """generate on a terminal and run show the pack's INFO records (fast mode's compile notices): one
+    handler however often it is set up, writing to sys.stderr as it is when a record comes."""
+    logger = logging.getLogger("wuerstchen_core")
+    handlers, level = list(logger.handlers), logger.level
+    try:
+        cli._show_log()
+        cli._show_log()
+        logging.getLogger("wuerstchen_core.performance").info("Würstchen fast mode: a notice")
+        assert capsys.readouterr().err == "Würstchen fast mode: a notice\n"
+    finally:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
 
 
 def test_cuda_graphs_on_the_cpu_is_one_error_line(capsys, repos, tmp_path):

@@ -454,6 +454,10 @@ def test_fast_mode_compiles_inside_comfyui(server, t2i):
     eager, fast = _pixels_with_option(server, t2i, "fast_mode", (*SAMPLERS, "WuerstchenStageADecode"))
     diff = abs(eager - fast)
     assert diff.mean() < 2 and (diff > 8).mean() < 0.01, (diff.mean(), (diff > 8).mean())  # saturated pixels may flip
+    log = server.log_text()  # the first run at a size says that it compiles, and how long that took
+    for stage in ("the Stage C prior", "the Stage B decoder", "Stage A's blocks"):
+        assert re.search(rf"Würstchen fast mode: {re.escape(stage)} for input [\d×]+ ready after [\d.]+ s", log), \
+            server.tail()
 
 
 def test_cuda_graphs_option_inside_comfyui(server, t2i):

@@ -3,6 +3,8 @@
 Timings are not tested here (bench/ measures them); these tests check that each option computes the
 same thing and moves memory the way it says."""
 
+import logging
+import re
 import types
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 
 from nodes import conditioning, image, latents, loaders, sampling
 from nodes.host import StandaloneHost
-from tests.helpers.tiny_models import tiny_decoder, tiny_prior
+from tests.helpers.tiny_models import tiny_decoder, tiny_prior, tiny_vqgan
 from tests.helpers.tiny_pack import FILES, write_tiny_models
 from wuerstchen_core import memory, performance, pipeline
 from wuerstchen_core.errors import WuerstchenError
@@ -265,6 +267,33 @@ def test_fast_mode_compiles_each_unit_shape_once_for_all_units(fake_cuda_graphs,
     assert (got_b - eager_b).abs().max() <= 1e-3 * eager_b.abs().max()
     assert sum(len(unit) for unit in units) == sum(len(level) for level in [*decoder.down_blocks, *decoder.up_blocks])
     assert 1 < counters["stats"]["unique_graphs"] < len(units)  # a graph per kind of unit, shared by alike units
+
+
+def test_fast_mode_announces_the_first_run_of_each_input_shape(monkeypatch, caplog):
+    """A first fast-mode run compiles for up to minutes with the sampler at step 0: each network logs it
+    (INFO, which ComfyUI's console shows) once per input shape, with the time it took, and stays quiet
+    for the runs after it. The compile itself is replaced by the eager units here (tested above)."""
+    monkeypatch.setattr(performance, "compiled_unit", lambda: run_unit)
+    prior, vqgan = tiny_prior(), tiny_vqgan()
+    x, r, clip = prior_inputs(prior)
+    z = torch.randn(1, vqgan.cfg.latent_channels, 8, 8, generator=torch.Generator().manual_seed(2))
+    fast_prior, fast_vqgan = performance.compile_model(prior, cuda_graphs=False), performance.compile_model(vqgan)
+    with caplog.at_level(logging.INFO, logger="wuerstchen_core"), torch.no_grad():
+        cond = prior.condition(clip)
+        first, again = fast_prior(x, r, cond=cond), fast_prior(x, r, cond=cond)
+        fast_prior(x[:1], r[:1], cond=prior.condition(clip[:1]))
+        decoded, decoded_again = fast_vqgan.decode(z), fast_vqgan.decode(z)
+    assert torch.equal(first, prior(x, r, cond=cond)) and torch.equal(first, again)
+    assert torch.equal(decoded, vqgan.decode(z)) and torch.equal(decoded, decoded_again)
+    messages = [record.getMessage() for record in caplog.records if record.name == "wuerstchen_core.performance"]
+    shape = "×".join(map(str, x.shape))
+    assert [m.split(" for input ")[0] for m in messages] == [
+        "Würstchen fast mode: preparing the Stage C prior", "Würstchen fast mode: the Stage C prior",
+        "Würstchen fast mode: preparing the Stage C prior", "Würstchen fast mode: the Stage C prior",
+        "Würstchen fast mode: preparing Stage A's blocks", "Würstchen fast mode: Stage A's blocks"]
+    assert f"for input {shape} (it compiles on the first run" in messages[0]
+    assert re.search(rf"for input {shape} ready after \d+\.\d s$", messages[1])
+    assert f"for input 1×{shape.split('×', 1)[1]} (" in messages[2]
 
 
 def test_stage_a_fast_mode_compiles_one_graph_per_block_shape_and_matches_eager(models_dir, monkeypatch):

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import functools
 import json
+import logging
 import os
 import secrets
 import sys
@@ -147,6 +148,24 @@ class _Progress:
             print(text, file=self.stream, flush=True)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes each record to sys.stderr as it is then (it may have been replaced since)."""
+
+    def emit(self, record):
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _show_log():
+    """Print the pack's INFO records (fast mode's compile notices) on stderr; set up once per process."""
+    logger = logging.getLogger("wuerstchen_core")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def _output_paths(output: str, batch: int) -> list[Path]:
     path = Path(output).expanduser()
     if path.suffix.lower() != ".png":
@@ -200,6 +219,8 @@ def generate(args) -> int:
         raise UsageError(f"--cuda-graphs needs a CUDA device; the run would use {device}.")
     home = "cpu" if args.low_vram else device  # where the models wait between stages
     progress = _Progress()
+    if progress.tty:
+        _show_log()
     bigg_path = _part(args.prior_text_encoder, args.prior, "--prior-text-encoder", "the CLIP bigG text encoder")
     h_path = _part(args.decoder_text_encoder, args.decoder, "--decoder-text-encoder", "the CLIP H text encoder")
     vqgan_path = _part(args.vqgan, args.decoder, "--vqgan", "the Stage A VQGAN")
@@ -333,6 +354,7 @@ def run(args) -> int:
                          "expected the full node pack checkout.") from None
     import torch
 
+    _show_log()  # next to the workflow runner's progress lines, which go to stderr too
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     result = run_workflow_file(args.workflow, args.models_dir, args.output_dir, device=device, input_dir=args.input_dir)
     for node_ui in result.get("ui", {}).values():

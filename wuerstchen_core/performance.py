@@ -8,6 +8,8 @@ fusion (fuse_gelu_grn), an experiment until a GPU run measures it.
 
 import contextlib
 import functools
+import logging
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +22,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .errors import WuerstchenError
 from .models.common import ChannelMLP, run_unit
 from .models.vqgan import PaellaVQGAN
+
+log = logging.getLogger(__name__)  # ComfyUI shows INFO records in its console; the CLI on a terminal
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
@@ -257,7 +261,32 @@ class _Wrapper(nn.Module):
             return getattr(self.model, name)
 
 
-class CompiledVQGAN(_Wrapper):
+class _AnnouncedFirstRuns:
+    """Logs the first call of each input shape, which compiles (torch.compile's wait is otherwise a
+    sampler stuck at step 0 for a minute), and how long it took: `first_run(x, call)`."""
+
+    stage = "the network"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._shapes_run = set()
+
+    def first_run(self, x, call):
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key in self._shapes_run:
+            return call()
+        shape = "×".join(map(str, x.shape))
+        log.info("Würstchen fast mode: preparing %s for input %s (it compiles on the first run of each size and "
+                 "batch in this session, then reuses that)", self.stage, shape)
+        start = time.perf_counter()
+        out = call()
+        self._shapes_run.add(key)
+        log.info("Würstchen fast mode: %s for input %s ready after %.1f s", self.stage, shape,
+                 time.perf_counter() - start)
+        return out
+
+
+class CompiledVQGAN(_AnnouncedFirstRuns, _Wrapper):
     """Stage A in fast mode: decode() runs each MixingResidualBlock through compiled_unit: the 12
     bottleneck blocks share one compile per shape, so a size compiles two block graphs. Compiled, a
     block's LayerNorms, modulations, padding and residual updates fuse into a few kernels; eager, each is
@@ -265,8 +294,10 @@ class CompiledVQGAN(_Wrapper):
     docs/benchmarks-history.md, run 13). No CUDA graphs: a decode runs once per image and is not
     launch-bound. Encoding stays eager."""
 
+    stage = "Stage A's blocks"
+
     def decode(self, latent):
-        return self.model.decode(latent, run_unit=compiled_unit())
+        return self.first_run(latent, lambda: self.model.decode(latent, run_unit=compiled_unit()))
 
 
 @dataclass
@@ -366,7 +397,7 @@ class GraphedNetwork(_Wrapper):
         return self.model(*args, **kwargs)
 
 
-class CompiledNetwork(GraphedNetwork):
+class CompiledNetwork(_AnnouncedFirstRuns, GraphedNetwork):
     """Stage B or C in fast mode: the forward runs its units through compiled_unit, and on CUDA
     (cuda_graphs) each step is captured whole, the compiled units' kernels with the eager operations
     between them, and replayed like GraphedNetwork's (the units compile in the warm-up runs before the
@@ -377,12 +408,17 @@ class CompiledNetwork(GraphedNetwork):
     def __init__(self, model: nn.Module, cuda_graphs: bool = True):
         super().__init__(model)
         self.graphs = cuda_graphs
+        self.stage = _STAGES.get(type(model).__name__, type(model).__name__)
+
+    def forward(self, x, r, *args, **kwargs):
+        return self.first_run(x, lambda: super(CompiledNetwork, self).forward(x, r, *args, **kwargs))
 
     def run_model(self, *args, **kwargs):
         return self.model(*args, run_unit=compiled_unit(), **kwargs)
 
 
 GRAPH_DEVICES = ("cuda",)
+_STAGES = {"WuerstchenPrior": "the Stage C prior", "WuerstchenDecoder": "the Stage B decoder"}
 
 
 def capture_cuda_graph(step, device, pool=None):

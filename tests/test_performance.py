@@ -505,19 +505,29 @@ def test_a_failing_capture_is_one_clear_error(monkeypatch, fake_cuda_graphs):
 
 
 def test_graphs_are_dropped_when_the_weights_move_or_change():
-    """A graph reads the weights at their captured addresses: after a cast (the fp16 fallback) or an
-    offload round trip they live elsewhere, and replaying would read freed memory."""
+    """A graph reads the weights at their captured addresses: after a cast (the fp16 fallback), an offload
+    round trip (data swapped in place), a new tensor in a module's slot (fp8 storage, a patched weight) or a
+    moved buffer they live elsewhere, and replaying would read freed memory."""
     prior = tiny_prior()
+    prior.register_buffer("scale", torch.ones(3))
     graphed = performance.GraphedNetwork(prior)
     x, r, clip = prior_inputs(prior)
     with torch.no_grad():
-        graphed._new_run(prior.condition(clip))
-        graphed._graphs["some shape"] = "a captured graph"
-        graphed._new_run(prior.condition(clip))  # same weights: kept
-        assert list(graphed._graphs) == ["some shape"]
-        prior.to(torch.float64)
-        graphed._new_run(prior.condition(clip.double()))
-        assert not graphed._graphs
+        cond = prior.condition(clip)
+
+        def kept_after(change) -> bool:
+            graphed._graphs["some shape"] = "a captured graph"
+            change()
+            graphed._new_run(prior.condition(clip.to(prior.out[1].weight.dtype)))
+            return list(graphed._graphs) == ["some shape"]
+
+        graphed._new_run(cond)
+        assert kept_after(lambda: None)  # same weights
+        assert not kept_after(lambda: setattr(prior.out[1].weight, "data", prior.out[1].weight.data.clone()))
+        assert not kept_after(lambda: setattr(prior.out[1], "weight", torch.nn.Parameter(prior.out[1].weight * 1)))
+        assert not kept_after(lambda: setattr(prior, "scale", prior.scale.clone()))
+        assert not kept_after(lambda: store_linear_weights_in_fp8(prior))
+        assert not kept_after(lambda: prior.to(torch.float64))
 
 
 def test_graphed_network_keeps_at_most_max_graphs(fake_cuda_graphs):

@@ -73,6 +73,19 @@ def test_estimates_cover_the_measured_peaks_without_wild_overestimates(case):
     assert 1.0 <= ratio <= 2.0, ratio
 
 
+def test_weight_bytes_counts_each_tensor_once_and_only_what_is_elsewhere():
+    """Parameters and buffers, a tensor shared by two modules once, and with a device only the tensors not
+    yet there (the part of a model an upload still has to move)."""
+    shared = torch.nn.Linear(4, 4)
+    net = torch.nn.Sequential(shared, torch.nn.BatchNorm1d(4), shared, torch.nn.Linear(4, 2))
+    per_tensor = {name: t.numel() * t.element_size() for name, t in net.state_dict().items()}
+    assert memory.weight_bytes(net) == sum(per_tensor.values()) - sum(v for k, v in per_tensor.items()
+                                                                     if k.startswith("2."))
+    net[3].to("meta")
+    assert memory.weight_bytes(net, "meta") == memory.weight_bytes(net) - (4 * 2 + 2) * 4
+    assert memory.weight_bytes(net, "cpu") == (4 * 2 + 2) * 4 and memory.weight_bytes(net, torch.device("cpu")) == 40
+
+
 def test_estimate_scales_with_batch_guidance_and_tiles():
     prior = tiny_prior()
     one = memory.estimate("prior", prior, batch=1, height=1024, width=1024)

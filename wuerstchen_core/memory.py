@@ -53,15 +53,18 @@ class InsufficientMemoryError(WuerstchenError):
 
 
 def weight_bytes(module: nn.Module, device=None) -> int:
-    """Bytes of `module`'s parameters and buffers; with `device`, only those not already on it."""
+    """Bytes of `module`'s parameters and buffers; with `device`, only those not already on it. Read
+    through the modules' slots (a shared tensor once): parameters() + buffers() name every tensor, which
+    took 2.2 ms of a public Stage B's 3.0 ms estimate on this project's CPU, before each stage."""
     device = None if device is None else torch.device(device)
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors if device is None or not is_on(t, device))
+    tensors = {id(t): t for m in module.modules() for table in (m._parameters, m._buffers)
+               for t in table.values() if t is not None}
+    return sum(t.numel() * t.element_size() for t in tensors.values() if device is None or not is_on(t, device))
 
 
 def is_on(t: torch.Tensor, device) -> bool:
     """Whether `t` is on `device`; a device without an index ("cuda") matches every index of its type."""
-    device = torch.device(device)
+    device = device if isinstance(device, torch.device) else torch.device(device)  # called per tensor
     return t.device.type == device.type and (device.index is None or t.device.index == device.index)
 
 

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from . import memory
 from .errors import SizeError, StageMismatchError, WuerstchenError
 from .models.effnet import encode_stage_c
-from .performance import restore_slots, tensor_slots
+from .memory import tensor_slots
+from .performance import restore_slots
 from .sampling import NoiseSource, cfg_denoiser, generators_for_seeds, noise_to, sample
 from .schedule import check_timesteps, linear_timesteps, stage_c_preset, truncate_for_denoise
 from .sizes import check_stage_b_grid, image_size_for_stage_c, snap_size, stage_b_grid, stage_c_grid
